@@ -1,0 +1,176 @@
+"""Dataset loaders: GSM8K as published, the ReFT repository's json files, and the synthetic task.
+
+Every loader returns `experiments.records.Example`s. Bad input raises `DatasetError`, whose
+message names the file, the line (jsonl) or record index (json) and the field.
+
+Where the files live: ``data_dir`` argument, else ``$REFT_DATA_DIR``, else ``./data``, else
+``../shared/data`` (the layout of this project's workspace). Under it:
+
+    gsm8k/grade_school_math/data/{train,test}.jsonl    GSM8K (OpenAI's repository)
+    reft/data/{svamp_nl,svamp_python_sdp,...}.json     the ReFT repository's data/
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+from experiments.records import ANSWER_TRIGGER, Example
+from rewards.extract import parse_mcq_options, parse_number
+
+DATASETS = ("gsm8k", "svamp", "mathqa", "mathqa-numeric", "synthetic")
+SPLITS = ("train", "test")
+
+# (dataset, split, cot kind) -> path under the data dir. Test sets carry answers only, so one
+# file serves both kinds. GSM8K N-CoT train prefers the ReFT repository's file when present
+# (it is what the paper trained on) and falls back to OpenAI's jsonl converted to N-CoT.
+_REFT = "reft/data"
+_FILES: dict[tuple[str, str, str], tuple[str, ...]] = {
+    ("gsm8k", "train", "ncot"): (f"{_REFT}/gsm8k_nl.json", "gsm8k/grade_school_math/data/train.jsonl"),
+    ("gsm8k", "train", "pcot"): (f"{_REFT}/gsm8k_python_sdp.json",),
+    ("gsm8k", "test", "*"): (f"{_REFT}/gsm8k_test_set.json", "gsm8k/grade_school_math/data/test.jsonl"),
+    ("svamp", "train", "ncot"): (f"{_REFT}/svamp_nl.json",),
+    ("svamp", "train", "pcot"): (f"{_REFT}/svamp_python_sdp.json",),
+    ("svamp", "test", "*"): (f"{_REFT}/svamp_test_set.json",),
+    ("mathqa", "train", "ncot"): (f"{_REFT}/mathqa_nl.json",),
+    ("mathqa", "train", "pcot"): (f"{_REFT}/mathqa_python_sdp.json",),
+    ("mathqa", "test", "*"): (f"{_REFT}/mathqa_test_set.json",),
+    ("mathqa-numeric", "train", "ncot"): (f"{_REFT}/mathqa-numeric_nl.json",),
+    ("mathqa-numeric", "train", "pcot"): (f"{_REFT}/mathqa-numeric_python_sdp.json",),
+    ("mathqa-numeric", "test", "*"): (f"{_REFT}/mathqa-numeric_test_set.json",),
+}
+
+
+class DatasetError(ValueError):
+    """A malformed dataset file: the message says where (file:line or file[record]) and which field."""
+
+
+def default_data_dir() -> Path:
+    for candidate in (os.environ.get("REFT_DATA_DIR"), "data", "../shared/data"):
+        if candidate and Path(candidate).is_dir():
+            return Path(candidate).resolve()
+    raise FileNotFoundError(
+        "no data directory: set $REFT_DATA_DIR or pass --data-dir (looked in ./data and ../shared/data)")
+
+
+def dataset_path(dataset: str, split: str, cot_kind: str, data_dir: Optional[Path] = None) -> Path:
+    """The file for (dataset, split, kind); FileNotFoundError lists the paths that were tried."""
+    if dataset not in DATASETS or dataset == "synthetic":
+        raise ValueError(f"no file for dataset {dataset!r}; file datasets are {DATASETS[:-1]}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    data_dir = Path(data_dir) if data_dir else default_data_dir()
+    candidates = _FILES[(dataset, split, "*" if split == "test" else cot_kind)]
+    for rel in candidates:
+        if (data_dir / rel).is_file():
+            return data_dir / rel
+    raise FileNotFoundError(f"{dataset}/{split}/{cot_kind}: none of {[str(data_dir / c) for c in candidates]} exists")
+
+
+def load_dataset(dataset: str, split: str = "train", cot_kind: str = "ncot",
+                 data_dir: Optional[Path] = None, path: Optional[Path] = None,
+                 synthetic_config: Any = None) -> list[Example]:
+    """Load one dataset split as `Example`s. ``path`` overrides the file lookup."""
+    if dataset == "synthetic":
+        from experiments.synthetic import SyntheticConfig, generate
+        train, test = generate(synthetic_config or SyntheticConfig(), cot_kind=cot_kind)
+        return train if split == "train" else test
+    path = Path(path) if path else dataset_path(dataset, split, cot_kind, data_dir)
+    if path.suffix == ".jsonl":
+        return load_gsm8k_jsonl(path, dataset=dataset)
+    return load_reft_json(path, dataset=dataset, cot_kind=cot_kind)
+
+
+# ---------------------------------------------------------------------------------------------
+# GSM8K jsonl as published: {"question": ..., "answer": "...<<48/2=24>>24 ...\n#### 72"}
+# ---------------------------------------------------------------------------------------------
+_CALCULATOR_NOTE = re.compile(r"<<[^<>]*>>")
+
+
+def gsm8k_to_ncot(answer: str) -> tuple[str, str]:
+    """(N-CoT in the paper's format, final answer) from a GSM8K answer field.
+
+    Calculator notes ``<<48/2=24>>`` are removed and ``#### 72`` becomes the trigger line.
+    Raises ValueError when there is no ``####`` line.
+    """
+    body, sep, final = answer.rpartition("####")
+    if not sep:
+        raise ValueError("no '####' final-answer line")
+    final = final.strip().replace(",", "")
+    cot = _CALCULATOR_NOTE.sub("", body).strip()
+    return f"{cot}\n{ANSWER_TRIGGER} {final}", final
+
+
+def load_gsm8k_jsonl(path: Path, dataset: str = "gsm8k") -> list[Example]:
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DatasetError(f"{where}: bad JSON ({e.msg} at column {e.colno})") from None
+            question = _field(row, "question", where)
+            try:
+                cot, final = gsm8k_to_ncot(_field(row, "answer", where))
+            except ValueError as e:
+                raise DatasetError(f"{where}: field 'answer': {e}") from None
+            _check_numeric(final, where, "answer")
+            examples.append(Example(id=f"{dataset}_{path.stem}_{lineno - 1}", question=question,
+                                    answer=final, dataset=dataset, cot_kind="ncot", cot=cot))
+    return examples
+
+
+# ---------------------------------------------------------------------------------------------
+# The ReFT repository's json: a list of {item_id, question, answer_value[, answer_cot]}
+# ---------------------------------------------------------------------------------------------
+def load_reft_json(path: Path, dataset: str, cot_kind: str = "ncot") -> list[Example]:
+    try:
+        rows = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path}:{e.lineno}: bad JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(rows, list):
+        raise DatasetError(f"{path}: expected a JSON list of records, got {type(rows).__name__}")
+    examples = []
+    for index, row in enumerate(rows):
+        where = f"{path}[record {index}]"
+        question = _field(row, "question", where)
+        answer = _field(row, "answer_value", where).strip()
+        cot = row.get("answer_cot")
+        if cot is not None and not isinstance(cot, str):
+            raise DatasetError(f"{where}: field 'answer_cot' must be a string, got {type(cot).__name__}")
+        options = None
+        if dataset == "mathqa":
+            if answer.lower() not in "abcde" or len(answer) != 1:
+                raise DatasetError(f"{where}: field 'answer_value' must be an option letter a-e, got {answer!r}")
+            answer = answer.lower()
+            options = parse_mcq_options(question) or None
+        else:
+            _check_numeric(answer, where, "answer_value")
+        item_id = str(row.get("item_id", f"{dataset}_{index}"))
+        examples.append(Example(id=item_id, question=question, answer=answer, dataset=dataset,
+                                cot_kind=cot_kind, cot=cot, options=options))
+    return examples
+
+
+def _field(row: Any, name: str, where: str) -> str:
+    if not isinstance(row, dict):
+        raise DatasetError(f"{where}: expected an object, got {type(row).__name__}")
+    if name not in row:
+        raise DatasetError(f"{where}: field {name!r} is missing")
+    value = row[name]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str) or not value.strip():
+        raise DatasetError(f"{where}: field {name!r} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _check_numeric(answer: str, where: str, field: str) -> None:
+    if parse_number(answer) is None:
+        raise DatasetError(f"{where}: field {field!r} is not a number: {answer!r}")
+

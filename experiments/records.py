@@ -1,0 +1,47 @@
+"""The one record type every dataset loader and generator produces.
+
+A record is a math word problem with its gold final answer and, for training sets, one gold
+chain of thought (CoT) in the paper's format:
+
+* N-CoT (``cot_kind="ncot"``): natural language ending ``\\nTherefore, the answer is: {answer}``.
+* P-CoT (``cot_kind="pcot"``): a Python program ``def solution():\\n    \"\"\"{question}\"\"\"\\n ...
+  return result`` whose ``solution()`` returns the answer.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping, Optional
+
+COT_KINDS = ("ncot", "pcot")
+ANSWER_TRIGGER = "Therefore, the answer is:"
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    id: str
+    question: str
+    answer: str                      # gold final answer as text: "72", "38.0", or an MCQ letter "a"
+    dataset: str                     # "gsm8k" | "svamp" | "mathqa" | "mathqa-numeric" | "synthetic"
+    cot_kind: str                    # "ncot" | "pcot"
+    cot: Optional[str] = None        # gold CoT (None for test sets, which carry answers only)
+    options: Optional[Mapping[str, str]] = None  # MCQ only: {"a": "38", "b": "27.675", ...}
+
+    def __post_init__(self):
+        if self.cot_kind not in COT_KINDS:
+            raise ValueError(f"Example {self.id!r}: cot_kind must be one of {COT_KINDS}, got {self.cot_kind!r}")
+
+
+def build_prompt(question: str, cot_kind: str) -> str:
+    """The paper's prompt (mwp_ReFT): ``Question:\\n{q}\\nAnswer reasoning:\\n``.
+
+    P-CoT prompts continue with the function header and the question as its docstring, so the
+    model only writes the body.
+    """
+    prompt = f"Question:\n{question}\nAnswer reasoning:\n"
+    if cot_kind == "pcot":
+        prompt += pcot_header(question)
+    return prompt
+
+
+def pcot_header(question: str) -> str:
+    return f'def solution():\n    """{question}"""\n'
