@@ -40,7 +40,9 @@ def cmd_audit_rewards(args) -> int:
         targets = [(args.dataset, args.split or "train", args.kind or "ncot")]
     for name in names:
         for split in ([args.split] if args.split else SPLITS):
-            kinds = [args.kind] if args.kind else (["ncot"] if split == "test" else ["ncot", "pcot"])
+            # Real test sets carry answers only (one N-CoT audit); the synthetic task has CoTs everywhere.
+            only_answers = split == "test" and name != "synthetic"
+            kinds = [args.kind] if args.kind else (["ncot"] if only_answers else ["ncot", "pcot"])
             targets += [(name, split, kind) for kind in kinds]
 
     results, missing = [], []
@@ -89,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_reward)
 
     p = sub.add_parser("audit-rewards", help="score every gold CoT of a dataset and perturbed copies; lists failures")
-    p.add_argument("--dataset", required=True, help="gsm8k | svamp | mathqa | mathqa-numeric | all")
+    p.add_argument("--dataset", required=True, help="gsm8k | svamp | mathqa | mathqa-numeric | synthetic | all")
     p.add_argument("--split", choices=["train", "test"], default=None, help="default: both")
     p.add_argument("--kind", choices=["ncot", "pcot"], default=None, help="default: both where files exist")
     p.add_argument("--path", type=Path, default=None, help="audit this file instead of the dataset's default")

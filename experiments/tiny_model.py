@@ -1,0 +1,165 @@
+"""A word-level tokenizer trained on the synthetic corpus and a tiny random-init Qwen2 (or Llama).
+
+Both are saved with ``save_pretrained`` into one directory that HF (`AutoModelForCausalLM`,
+`AutoTokenizer`) and vLLM load like any checkpoint.
+
+Tokenizer. Text is split into pieces that keep their leading space (``" apples"``, ``" 19"``,
+``" ="``), a newline on its own, and runs of spaces (indentation). Each piece seen in the corpus
+is one token, and so is every integer in [0, max_value] with and without a leading space: any
+arithmetic result is one token, and ``decode(encode(text)) == text`` exactly (`decoders.Fuse`
+just concatenates). The newline is its own token, never merged with the indentation after it, so
+that tokenizing a prompt (which ends with ``\\n``) and its completion separately gives the same
+ids as tokenizing the two together: the ids vLLM samples after a prompt are the ids SFT trained.
+
+The trap (DESIGN.md §6): transformers 5 replaces the saved tokenizer class for some model types
+(qwen2 among them, ``MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS``) and `AutoTokenizer` then builds a
+byte-level Qwen2 BPE from our vocabulary: other ids, every reward 0. ``tokenizer_config.json``
+therefore names ``PreTrainedTokenizerFast`` AND carries an ``auto_map`` entry; transformers skips
+its override when a checkpoint has one, and without ``trust_remote_code=True`` it then loads the
+class the config names. (With ``trust_remote_code=True`` it fails loudly: there is no remote code.)
+`load_tokenizer` sidesteps `AutoTokenizer` for our checkpoints altogether and checks a round trip.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Iterable, Sequence, Union
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig,
+                          PreTrainedTokenizerBase, PreTrainedTokenizerFast)
+
+from experiments.records import ANSWER_TRIGGER, Example, build_prompt, pcot_header
+
+PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"   # Qwen2 uses no BOS token, so there is none
+TOKENIZER_CLASS = "PreTrainedTokenizerFast"
+
+# A newline; a word, number or punctuation mark with its optional leading space; a run of spaces.
+PIECE_PATTERN = r"\n| ?[A-Za-z]+| ?\d+| ?[^\sA-Za-z\d]| +"
+
+# Always in the training corpus, so every tokenizer built here can encode it: `load_tokenizer`'s
+# round-trip check. It holds the prompt/CoT scaffolding (newlines, indentation, quotes, digits).
+PROBE = build_prompt("2 + 3 = 5", "pcot") + "    result = 5\n    return result\n" + f"{ANSWER_TRIGGER} 5"
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyModelConfig:
+    arch: str = "qwen2"
+    """The paper-era model family's architecture ("qwen2": q/k/v biases, GQA); "llama" also works
+    (same blocks without biases). Both are supported by HF and vLLM without custom code."""
+    hidden_size: int = 256
+    """The calibrated size (DESIGN.md §6): SFT from scratch learns 1-2 step problems in minutes on 2 cores."""
+    num_layers: int = 4
+    """One layer per arithmetic step plus one; with hidden 256 this gives ~3 M parameters."""
+    num_heads: int = 4
+    """Head dimension 64 (256 / 4), the usual size, which vLLM's CPU attention kernels support."""
+    num_kv_heads: int = 2
+    """Grouped-query attention as in real Qwen2 checkpoints, so the learner and vLLM exercise the
+    same code paths as with a 7B model; the KV cache it saves is irrelevant at this size."""
+    intermediate_size: int = 704
+    """SwiGLU has three matrices, so ~8/3 x hidden (the Llama rule) matches a 4 x hidden GELU MLP in
+    parameters; 8/3 x 256 = 683 rounded up to a multiple of 64."""
+    max_position_embeddings: int = 1024
+    """The paper's SFT max length (prompt + answer); RL uses 700."""
+    tie_word_embeddings: bool = True
+    """With a vocabulary of ~700 the untied head would be a sizeable share of a 3 M model for no gain."""
+    seed: int = 0
+    """Seeds the random initialisation: same seed, same weights."""
+
+    def __post_init__(self):
+        if self.arch not in ("qwen2", "llama"):
+            raise ValueError(f"TinyModelConfig.arch = {self.arch!r}: must be 'qwen2' or 'llama'")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"TinyModelConfig.num_heads = {self.num_heads}: must divide hidden_size "
+                             f"({self.hidden_size})")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"TinyModelConfig.num_kv_heads = {self.num_kv_heads}: must divide num_heads "
+                             f"({self.num_heads})")
+
+
+def corpus_from_examples(examples: Iterable[Example]) -> list[str]:
+    """The texts the model will see: each prompt followed by its gold CoT.
+
+    A P-CoT's first lines repeat the prompt's function header, so only the rest is appended.
+    """
+    texts = []
+    for e in examples:
+        completion = e.cot or ""
+        if e.cot_kind == "pcot":
+            completion = completion.removeprefix(pcot_header(e.question))
+        texts.append(build_prompt(e.question, e.cot_kind) + completion)
+    return texts
+
+
+def train_tokenizer(corpus_texts: Iterable[str], max_value: int,
+                    model_max_length: int = 1024) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer whose vocabulary is every piece of the corpus plus every integer 0..max_value."""
+    tokenizer = Tokenizer(models.WordLevel(unk_token=UNK))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(PIECE_PATTERN), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    integers = [f"{prefix}{i}" for i in range(max_value + 1) for prefix in ("", " ")]
+    trainer = trainers.WordLevelTrainer(special_tokens=[PAD, EOS, UNK], min_frequency=0, show_progress=False)
+    tokenizer.train_from_iterator([*corpus_texts, PROBE, *integers], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, pad_token=PAD, unk_token=UNK,
+                                   clean_up_tokenization_spaces=False, model_max_length=model_max_length)
+
+
+def build_tiny_model(out_dir: Union[str, Path], corpus_texts: Iterable[str], cfg: TinyModelConfig,
+                     max_value: int) -> Path:
+    """Train the tokenizer, build a random-init model around it, and save both (fp32 safetensors) in out_dir."""
+    out_dir = Path(out_dir)
+    corpus_texts = list(corpus_texts)
+    tokenizer = train_tokenizer(corpus_texts, max_value, cfg.max_position_embeddings)
+    _check_round_trip(tokenizer, corpus_texts, where="the corpus")
+
+    config = AutoConfig.for_model(
+        cfg.arch, vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+        max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=cfg.tie_word_embeddings,
+        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        dtype=torch.float32)
+    torch.manual_seed(cfg.seed)
+    model = AutoModelForCausalLM.from_config(config).float()
+    model.generation_config = GenerationConfig(bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+                                               pad_token_id=tokenizer.pad_token_id)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+    config_file = out_dir / "tokenizer_config.json"
+    tokenizer_config = json.loads(config_file.read_text())
+    # transformers 5 writes its backend's name ("TokenizersBackend"); name the public class, and
+    # add the auto_map that turns off AutoTokenizer's qwen2 override (see the module docstring).
+    tokenizer_config["tokenizer_class"] = TOKENIZER_CLASS
+    tokenizer_config["auto_map"] = {"AutoTokenizer": [None, "tokenization_reft.NoRemoteCode"]}
+    config_file.write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+    return out_dir
+
+
+def load_tokenizer(path: Union[str, Path]) -> PreTrainedTokenizerBase:
+    """The tokenizer of a checkpoint: ours (word-level, checked) or any HF model's (via AutoTokenizer).
+
+    Ours are recognised by ``tokenizer_class == "PreTrainedTokenizerFast"`` in tokenizer_config.json
+    and loaded with that class directly, never through AutoTokenizer's model-type overrides.
+    """
+    config_file = Path(path) / "tokenizer_config.json"
+    if not config_file.is_file() or json.loads(config_file.read_text()).get("tokenizer_class") != TOKENIZER_CLASS:
+        return AutoTokenizer.from_pretrained(path)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+    _check_round_trip(tokenizer, [PROBE], where=f"the tokenizer at {path}")
+    return tokenizer
+
+
+def _check_round_trip(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], where: str):
+    """Raise unless every text encodes without <unk> and decodes back to itself exactly.
+
+    A tokenizer that fails this would make the model's outputs differ from what the reward parses.
+    """
+    for text in texts:
+        ids = tokenizer.encode(text)
+        decoded = tokenizer.decode(ids)
+        if tokenizer.unk_token_id in ids or decoded != text:
+            raise ValueError(f"{where}: the tokenizer does not round-trip {text[:80]!r} (got {decoded[:80]!r}); "
+                             "it is not a word-level tokenizer built by experiments.tiny_model.build_tiny_model "
+                             "for this text")

@@ -1,0 +1,69 @@
+"""YAML + dotted overrides: unknown keys and wrong types are errors that name the key."""
+import dataclasses
+from typing import Optional
+
+import pytest
+
+from cluster.config_io import ConfigError, from_dict, load_config, parse_overrides, to_dict
+
+
+@dataclasses.dataclass(frozen=True)
+class Inner:
+    lr: float = 1e-5
+    steps: int = 3
+    name: Optional[str] = None
+    betas: tuple[float, float] = (0.9, 0.95)
+
+    def __post_init__(self):
+        if self.steps < 0:
+            raise ValueError(f"steps must be >= 0, got {self.steps}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Outer:
+    inner: Inner = Inner()
+    flag: bool = False
+
+
+def test_yaml_plus_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("inner:\n  lr: 2.0e-5\n  steps: 5\nflag: true\n")
+    cfg = load_config(Outer, path, ["inner.steps=7", "inner.name=run1", "inner.betas=[0.8, 0.9]"])
+    assert cfg == Outer(Inner(lr=2e-5, steps=7, name="run1", betas=(0.8, 0.9)), flag=True)
+    assert from_dict(Outer, to_dict(cfg)) == cfg
+
+
+def test_int_accepted_for_float_and_null_for_optional():
+    assert load_config(Outer, None, ["inner.lr=1", "inner.name=null"]).inner == Inner(lr=1.0, name=None)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["inner.lrr=1"], r"unknown key\(s\) inner\.lrr at inner; valid keys: betas, lr, name, steps"),
+    (["nope=1"], r"unknown key\(s\) nope at top level"),
+    (["inner.steps=3.5"], r"inner\.steps: expected int, got 3\.5"),
+    (["inner.steps=true"], r"inner\.steps: expected int"),
+    (["flag=3"], r"flag: expected bool"),
+    (["inner.steps=-1"], r"inner: steps must be >= 0"),
+    (["inner=3"], r"inner: expected a mapping"),
+    (["inner.betas=0.9"], r"inner\.betas: expected a list"),
+])
+def test_bad_values_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(Outer, None, overrides)
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="not of the form"):
+        parse_overrides(["inner.lr"])
+    with pytest.raises(ConfigError, match="not of the form"):
+        parse_overrides(["inner..lr=1"])
+
+
+def test_yaml_errors_name_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("inner: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml: bad YAML"):
+        load_config(Outer, path)
+    path.write_text("inner:\n  oops: 1\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: unknown key\(s\) inner\.oops"):
+        load_config(Outer, path)
