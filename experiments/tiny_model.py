@@ -4,12 +4,14 @@ Both are saved with ``save_pretrained`` into one directory that HF (`AutoModelFo
 `AutoTokenizer`) and vLLM load like any checkpoint.
 
 Tokenizer. Text is split into pieces that keep their leading space (``" apples"``, ``" 19"``,
-``" ="``), a newline on its own, and runs of spaces (indentation). Each piece seen in the corpus
-is one token, and so is every integer in [0, max_value] with and without a leading space: any
-arithmetic result is one token, and ``decode(encode(text)) == text`` exactly (`decoders.Fuse`
-just concatenates). The newline is its own token, never merged with the indentation after it, so
-that tokenizing a prompt (which ends with ``\\n``) and its completion separately gives the same
-ids as tokenizing the two together: the ids vLLM samples after a prompt are the ids SFT trained.
+``" ="``), a newline on its own, and runs of spaces (indentation). ``_`` is a piece of its own,
+so program variables such as ``mia_apples`` reuse the words' tokens instead of each adding one to
+the vocabulary. Each piece seen in the corpus is one token, and so is every integer in
+[0, max_value] with and without a leading space: any arithmetic result is one token, and
+``decode(encode(text)) == text`` exactly (`decoders.Fuse` just concatenates). The newline is
+never merged with the indentation after it, so that tokenizing a prompt (which ends with ``\\n``)
+and its completion separately gives the same ids as tokenizing the two together: the ids vLLM
+samples after a prompt are the ids SFT trained on.
 
 The trap (DESIGN.md §6): transformers 5 replaces the saved tokenizer class for some model types
 (qwen2 among them, ``MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS``) and `AutoTokenizer` then builds a
@@ -34,7 +36,9 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, Gener
 from experiments.records import ANSWER_TRIGGER, Example, build_prompt, pcot_header
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"   # Qwen2 uses no BOS token, so there is none
-TOKENIZER_CLASS = "PreTrainedTokenizerFast"
+# transformers 5's names for the generic tokenizers-backed class: we write the first, a re-save
+# (e.g. with a learner checkpoint) writes the second. The auto_map survives a re-save.
+TOKENIZER_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
 
 # A newline; a word, number or punctuation mark with its optional leading space; a run of spaces.
 PIECE_PATTERN = r"\n| ?[A-Za-z]+| ?\d+| ?[^\sA-Za-z\d]| +"
@@ -47,14 +51,14 @@ PROBE = build_prompt("2 + 3 = 5", "pcot") + "    result = 5\n    return result\n
 @dataclasses.dataclass(frozen=True)
 class TinyModelConfig:
     arch: str = "qwen2"
-    """The paper-era model family's architecture ("qwen2": q/k/v biases, GQA); "llama" also works
-    (same blocks without biases). Both are supported by HF and vLLM without custom code."""
+    """"qwen2" (q/k/v biases), the architecture DESIGN.md §6 calibrated; "llama" is CodeLLaMA's, the
+    paper's main model (same blocks without biases). HF and vLLM run both without custom code."""
     hidden_size: int = 256
-    """The calibrated size (DESIGN.md §6): SFT from scratch learns 1-2 step problems in minutes on 2 cores."""
+    """The calibrated width (DESIGN.md §6): SFT from scratch learns 1-2 step problems in minutes on 2 cores."""
     num_layers: int = 4
-    """One layer per arithmetic step plus one; with hidden 256 this gives ~3 M parameters."""
+    """The calibrated depth; with hidden 256 the model has ~3 M parameters, ~2,500 tokens/s of SFT here."""
     num_heads: int = 4
-    """Head dimension 64 (256 / 4), the usual size, which vLLM's CPU attention kernels support."""
+    """Head dimension 64 (256 / 4), the common size; vLLM's CPU attention runs it (tests/test_tiny_model.py)."""
     num_kv_heads: int = 2
     """Grouped-query attention as in real Qwen2 checkpoints, so the learner and vLLM exercise the
     same code paths as with a 7B model; the KV cache it saves is irrelevant at this size."""
@@ -131,20 +135,22 @@ def build_tiny_model(out_dir: Union[str, Path], corpus_texts: Iterable[str], cfg
     tokenizer_config = json.loads(config_file.read_text())
     # transformers 5 writes its backend's name ("TokenizersBackend"); name the public class, and
     # add the auto_map that turns off AutoTokenizer's qwen2 override (see the module docstring).
-    tokenizer_config["tokenizer_class"] = TOKENIZER_CLASS
+    tokenizer_config["tokenizer_class"] = TOKENIZER_CLASSES[0]
     tokenizer_config["auto_map"] = {"AutoTokenizer": [None, "tokenization_reft.NoRemoteCode"]}
     config_file.write_text(json.dumps(tokenizer_config, indent=2) + "\n")
     return out_dir
 
 
 def load_tokenizer(path: Union[str, Path]) -> PreTrainedTokenizerBase:
-    """The tokenizer of a checkpoint: ours (word-level, checked) or any HF model's (via AutoTokenizer).
+    """The tokenizer of a checkpoint: ours (checked) or any HF model's (via AutoTokenizer).
 
-    Ours are recognised by ``tokenizer_class == "PreTrainedTokenizerFast"`` in tokenizer_config.json
-    and loaded with that class directly, never through AutoTokenizer's model-type overrides.
+    A checkpoint whose tokenizer_config.json names the generic class (``PreTrainedTokenizerFast``
+    or ``TokenizersBackend``, as ours do) is loaded with that class directly, never through
+    AutoTokenizer's model-type overrides, and must reproduce text exactly: the reward parses the
+    decoded text, so a tokenizer that alters it cannot be used.
     """
     config_file = Path(path) / "tokenizer_config.json"
-    if not config_file.is_file() or json.loads(config_file.read_text()).get("tokenizer_class") != TOKENIZER_CLASS:
+    if not config_file.is_file() or json.loads(config_file.read_text()).get("tokenizer_class") not in TOKENIZER_CLASSES:
         return AutoTokenizer.from_pretrained(path)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
     _check_round_trip(tokenizer, [PROBE], where=f"the tokenizer at {path}")
@@ -161,5 +167,5 @@ def _check_round_trip(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], 
         decoded = tokenizer.decode(ids)
         if tokenizer.unk_token_id in ids or decoded != text:
             raise ValueError(f"{where}: the tokenizer does not round-trip {text[:80]!r} (got {decoded[:80]!r}); "
-                             "it is not a word-level tokenizer built by experiments.tiny_model.build_tiny_model "
-                             "for this text")
+                             "build the tokenizer with experiments.tiny_model.build_tiny_model from a corpus that "
+                             "covers this text")
