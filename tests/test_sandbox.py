@@ -1,0 +1,506 @@
+"""Tests of the P-CoT program sandbox (rewards/sandbox.py, rewards/_sandbox_worker.py).
+
+Most tests share one pool of 2 workers with a 2 s limit. The adversarial suite runs hostile
+programs and checks, for each: it is not scored "ok" (or its answer carries nothing harmful), its
+result arrives within the time limit plus a small margin, the host's files, /tmp and network are
+untouched, and the same pool then still scores a good program correctly.
+"""
+import dataclasses
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from rewards import sandbox as sandbox_module
+from rewards.sandbox import STATUSES, ExecResult, ProgramSandbox, SandboxLimits, run_program
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the sandbox is Linux-only")
+
+TIMEOUT_S = 2.0
+MARGIN_S = 1.5        # a result must arrive within TIMEOUT_S + MARGIN_S
+WORKER_SCRIPT = Path(sandbox_module.__file__).with_name("_sandbox_worker.py")
+CANARY_TEXT = "canary: do not touch\n"
+
+GOOD_PROGRAM = '''
+def solution():
+    """Iesha has 344 books. 136 are about school and the rest are about sports. How many books
+    about sports does Iesha have?"""
+    num_books_total = 344
+    num_books_school = 136
+    result = num_books_total - num_books_school
+    return result
+'''
+
+
+def solution(body: str) -> str:
+    """A program whose solution() runs `body`."""
+    return "def solution():\n" + textwrap.indent(textwrap.dedent(body).strip("\n"), "    ") + "\n"
+
+
+@pytest.fixture(scope="module")
+def sandbox():
+    with ProgramSandbox(num_workers=2, limits=SandboxLimits(timeout_s=TIMEOUT_S)) as pool:
+        yield pool
+
+
+def assert_scores_good_program(pool: ProgramSandbox) -> None:
+    result = pool.run(GOOD_PROGRAM)
+    assert (result.status, result.answer) == ("ok", "208"), result
+
+
+# ------------------------------------------------------------------------------ good programs
+SVAMP_PROGRAM = '''
+def solution():
+    """Paco had 26 salty cookies and 17 sweet cookies. He ate 14 sweet cookies and 9 salty
+    cookies. How many salty cookies did Paco have left?"""
+    salty_cookies_initial = 26
+    salty_cookies_eaten = 9
+    salty_cookies_left = salty_cookies_initial - salty_cookies_eaten
+    result = salty_cookies_left
+    return result
+'''
+
+
+@pytest.mark.parametrize("program, status, answer", [
+    pytest.param(GOOD_PROGRAM, "ok", "208", id="int"),
+    pytest.param(SVAMP_PROGRAM, "ok", "17", id="svamp"),
+    pytest.param(solution("return 5 / 2"), "ok", "2.5", id="float"),
+    pytest.param(solution("return 'twelve'"), "ok", "twelve", id="str"),
+    pytest.param(solution("return 3 > 2"), "ok", "True", id="bool"),
+    pytest.param(solution("import fractions\nreturn fractions.Fraction(5, 2)"), "ok", "2.5",
+                 id="fraction-as-float"),
+    pytest.param(solution("return [1, 2]"), "ok", "[1, 2]", id="list-as-repr"),
+    pytest.param(solution("return 'y' * 1000"), "ok", "y" * 256, id="answer-capped"),
+    pytest.param(solution("x = 1"), "no_answer", None, id="none"),
+    pytest.param(solution("import math\nreturn math.floor(math.sqrt(50))"), "ok", "7", id="import-math"),
+    pytest.param(solution("""
+        import datetime, itertools, re, collections, statistics
+        days = (datetime.date(2024, 3, 1) - datetime.date(2024, 2, 1)).days
+        pairs = len(list(itertools.combinations(range(5), 2)))
+        digits = len(re.findall(r"\\d", "a1b22"))
+        common = collections.Counter("aab").most_common(1)[0][1]
+        return days + pairs + digits + common + statistics.mean([1, 3])"""), "ok", "46",
+                 id="stdlib-modules"),
+    pytest.param(solution("""
+        with open("scratch.txt", "w") as f:
+            f.write("41")
+        return int(open("scratch.txt").read()) + 1"""), "ok", "42", id="private-dir-writable"),
+    pytest.param(solution("print('chatty'); return 1"), "ok", "1", id="print-is-fine"),
+    pytest.param("def solution(:\n    return 1\n", "error", None, id="syntax-error"),
+    pytest.param("x = 1\n", "error", None, id="no-solution"),
+    pytest.param(solution("return 1 / 0"), "error", None, id="exception"),
+])
+def test_good_programs(sandbox, program, status, answer):
+    result = sandbox.run(program)
+    assert result.status in STATUSES
+    assert (result.status, result.answer) == (status, answer), result
+    assert result.seconds < TIMEOUT_S
+
+
+def test_error_details(sandbox):
+    assert sandbox.run("def solution(:\n").detail.startswith("SyntaxError")
+    assert sandbox.run("x = 1\n").detail == "the program defines no solution()"
+    assert sandbox.run(solution("return 1 / 0")).detail == "ZeroDivisionError: division by zero"
+
+
+def test_state_does_not_leak_between_programs(sandbox):
+    first = solution("import math\nmath.pi = 3\nopen('left.txt', 'w').write('x')\nreturn math.pi")
+    second = solution("import math, os\nreturn f'{math.pi:.2f} {os.path.exists(\"left.txt\")}'")
+    assert sandbox.run(first).answer == "3"
+    for _ in range(2):   # whichever worker runs it
+        assert sandbox.run(second).answer == "3.14 False"
+
+
+def test_run_program_one_shot():
+    result = run_program(GOOD_PROGRAM, SandboxLimits(timeout_s=TIMEOUT_S))
+    assert isinstance(result, ExecResult) and (result.status, result.answer) == ("ok", "208")
+
+
+# ------------------------------------------------------------------------------ adversarial suite
+@dataclasses.dataclass
+class Host:
+    """What a hostile program must not be able to reach."""
+    dir: Path                 # world-writable, so that only the sandbox's layers protect it
+    canary: Path              # mode 0o666, known content
+    pwned: Path               # a fresh path in /tmp that must never come to exist
+    listener: socket.socket   # must never accept a connection
+    port: int
+
+
+@pytest.fixture
+def host():
+    # Not pytest's tmp_path: its parents are 0o700, so `nobody` could not even reach a canary there
+    # and the test would prove nothing about the sandbox's own layers.
+    directory = Path(tempfile.mkdtemp(prefix="reft-canary-"))
+    directory.chmod(0o777)
+    canary = directory / "canary.txt"
+    canary.write_text(CANARY_TEXT)
+    canary.chmod(0o666)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.settimeout(0.1)
+    yield Host(directory, canary, Path(tempfile.gettempdir()) / f"reft-pwned-{uuid.uuid4().hex}",
+               listener, listener.getsockname()[1])
+    listener.close()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+# (id, program template, allowed statuses, text the detail must contain). Templates see the Host
+# fields and `worker_script`.
+ADVERSARIAL = [
+    ("infinite-loop", "while True:\n    pass", {"timeout"}, ""),
+    ("ignores-sigxcpu-and-sigterm", """
+        import signal
+        signal.signal(signal.SIGXCPU, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        while True:
+            pass""", {"timeout"}, ""),
+    ("sleep-forever", "import time\ntime.sleep(10**6)", {"timeout"}, "wall-clock"),
+    ("memory-bomb", "x = bytearray(10**10)", {"error"}, "MemoryError"),
+    ("memory-growing-list", "x = []\nwhile True:\n    x.append(bytearray(10**7))",
+     {"error", "killed"}, ""),
+    ("fork-bomb", "import os\nwhile True:\n    os.fork()", {"error"}, "blocked: os.fork"),
+    ("os-system", "import os\nos.system('touch {pwned}')\nreturn 1", {"error"}, "blocked: os.system"),
+    ("subprocess", "import subprocess\nsubprocess.run(['sh', '-c', 'touch {pwned}'])\nreturn 1",
+     {"error"}, "blocked: subprocess.Popen"),
+    ("remove-host-file", "import os\nos.remove('{canary}')\nreturn 1", {"error"}, "blocked: os.remove"),
+    ("overwrite-host-file", "open('{canary}', 'w').write('pwned')\nreturn 1", {"error"}, "blocked: open"),
+    ("rename-host-file", "import os\nos.rename('{canary}', '{dir}/moved')\nreturn 1",
+     {"error"}, "blocked: os.rename"),
+    ("create-file-in-tmp", "open('{pwned}', 'w').write('x')\nreturn 1", {"error"}, "blocked: open"),
+    ("relative-path-escape", "open('../../../../../../..{pwned}', 'w').write('x')\nreturn 1",
+     {"error"}, "blocked: open"),
+    ("dir-fd-escape", """
+        import os
+        fd = os.open('{pwned.parent}', os.O_RDONLY)
+        os.close(os.open('{pwned.name}', os.O_CREAT | os.O_WRONLY, dir_fd=fd))
+        return 1""", {"error"}, "blocked: os.open"),
+    ("chdir-escape", "import os\nos.chdir('{pwned.parent}')\nopen('{pwned.name}', 'w')\nreturn 1",
+     {"error"}, "blocked: os.chdir"),
+    ("symlink-escape", "import os\nos.symlink('{canary}', 'link')\nopen('link', 'w').write('pwned')",
+     {"error"}, "blocked: os.symlink"),
+    ("append-to-sandbox-source", "open('{worker_script}', 'a').write('pwned')", {"error"}, "blocked"),
+    ("socket-connect", """
+        import socket
+        socket.create_connection(('127.0.0.1', {port}), timeout=1)
+        return 1""", {"error"}, "blocked: socket"),
+    ("raw-socket", "import _socket\n_socket.socket()\nreturn 1", {"error"}, "blocked: socket"),
+    ("huge-output", "print('x' * 10**9)\nreturn 1", {"error", "timeout", "killed"}, ""),
+    ("output-loop", "while True:\n    print('x' * 1000)", {"error"}, "File too large"),
+    ("deep-recursion", """
+        import sys
+        sys.setrecursionlimit(10**6)
+        def f(n):
+            return f(n + 1) + 1
+        return f(0)""", {"error", "killed", "timeout"}, ""),
+    ("c-stack-overflow", """
+        import sys
+        sys.setrecursionlimit(10**6)
+        class A:
+            def __repr__(self):
+                return repr(self)
+        return repr(A())""", {"killed", "error"}, ""),
+    ("thread-bomb", """
+        import threading
+        while True:
+            threading.Thread(target=lambda: None).start()""", {"error"}, "can't start new thread"),
+    ("kill-parent", "import os\nos.kill(os.getppid(), 9)\nreturn 1", {"error"}, "blocked: os.kill"),
+    ("killpg-own-group", "import os\nos.killpg(0, 9)\nreturn 1", {"error"}, "blocked: os.kill"),
+    ("sys-exit", "import sys\nsys.exit(0)", {"error"}, "SystemExit"),
+    ("os-exit", "import os\nos._exit(0)", {"killed"}, "without a result"),
+    ("ctypes-segfault", "import ctypes\nreturn ctypes.string_at(0)", {"error"}, "blocked: ctypes"),
+    ("crafted-bytecode", "return (lambda: 0).__code__.replace(co_code=b'')", {"error"},
+     "blocked: code.__new__"),
+    ("reach-the-hook-via-gc", "import gc\nreturn len(gc.get_objects())", {"error"}, "blocked: gc"),
+    ("memory-corrupting-test-module", "import _testcapi\nreturn 1", {"error"}, "blocked: import"),
+    ("raise-own-cpu-limit", """
+        import resource
+        resource.setrlimit(resource.RLIMIT_CPU, (100, 100))
+        while True:
+            pass""", {"error", "timeout"}, ""),
+    ("tamper-with-the-hook", """
+        import builtins, os, sys
+        worker = sys.modules['__main__']
+        worker.BLOCKED_EVENTS, worker.WRITE_FLAGS, worker.FS_EVENTS = frozenset(), 0, ()
+        os.path.realpath = os.path.abspath = lambda path: worker.__file__
+        builtins.type = lambda obj: int
+        open('{pwned}', 'w').write('x')
+        return 1""", {"error"}, "blocked: open"),
+    ("forge-result", "import os\nos.write(3, b'garbage')\nos._exit(0)", {"error"}, "malformed"),
+]
+
+
+def nobody_pids() -> set[int]:
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and "\nUid:\t65534" in (entry / "status").read_text():
+                pids.add(int(entry.name))
+        except OSError:
+            pass
+    return pids
+
+
+@pytest.mark.parametrize("template, statuses, detail",
+                         [pytest.param(*case[1:], id=case[0]) for case in ADVERSARIAL])
+def test_adversarial_program(sandbox, host, template, statuses, detail):
+    program = solution(template.format(**vars(host), worker_script=WORKER_SCRIPT))
+    pids_before = nobody_pids()
+    script_before = WORKER_SCRIPT.read_bytes()
+
+    start = time.monotonic()
+    result = sandbox.run(program)
+    elapsed = time.monotonic() - start
+
+    assert result.status in statuses and detail in result.detail, result
+    assert elapsed < TIMEOUT_S + MARGIN_S
+    # The host is untouched: files, /tmp, the network, processes.
+    assert host.canary.read_text() == CANARY_TEXT
+    assert host.canary.stat().st_mode & 0o777 == 0o666
+    assert sorted(p.name for p in host.dir.iterdir()) == ["canary.txt"]
+    assert not host.pwned.exists()
+    assert WORKER_SCRIPT.read_bytes() == script_before
+    with pytest.raises(socket.timeout):
+        host.listener.accept()
+    assert nobody_pids() <= pids_before, "a sandboxed process outlived its program"
+    assert_scores_good_program(sandbox)
+
+
+def test_adversarial_suite_is_large_enough():
+    assert len(ADVERSARIAL) >= 15
+
+
+def test_secret_environment_is_invisible(monkeypatch):
+    monkeypatch.setenv("REFT_TEST_SECRET", "s3cr3t")   # before the workers start
+    with ProgramSandbox(num_workers=1, limits=SandboxLimits(timeout_s=TIMEOUT_S)) as fresh:
+        # The program looks at its own environment, its worker's and, when it runs as another
+        # user than the host (root hosts), the host's. A host that is not root shares its uid
+        # with the programs, and its /proc/<pid>/environ is then readable: a known limitation.
+        pids = ["'self'", "os.getppid()"] + [str(os.getpid())] * fresh.capabilities["drops_privileges"]
+        result = fresh.run(solution(f"""
+            import os
+            sources = {{"os.environ": lambda: str(dict(os.environ))}}
+            for pid in ({", ".join(pids)},):
+                path = f"/proc/{{pid}}/environ"
+                sources[path] = lambda path=path: open(path, "rb").read().decode(errors="replace")
+            report = []
+            for name, read in sources.items():
+                try:
+                    report.append(("LEAK " if "s3cr3t" in read() else "clean ") + name)
+                except OSError:
+                    report.append("unreadable " + name)
+            return "; ".join(report)"""))
+    assert result.status == "ok", result
+    assert "s3cr3t" not in result.answer and "LEAK" not in result.answer, result.answer
+    assert "clean os.environ" in result.answer    # it could look, and found nothing
+
+
+# ------------------------------------------------------------------------------ the pool
+def test_run_many_mixed_programs_in_order(sandbox):
+    programs, expected = [], []
+    for i in range(200):
+        kind = i % 5
+        if kind == 0:
+            programs.append(solution(f"return {i} * 2"))
+            expected.append(("ok", str(i * 2)))
+        elif kind == 1:
+            programs.append(solution(f"return {i} / 4"))
+            expected.append(("ok", str(i / 4)))
+        elif kind == 2:
+            programs.append(solution(f"x = {i}"))
+            expected.append(("no_answer", None))
+        elif kind == 3:
+            programs.append(solution(f"return {i} / 0"))
+            expected.append(("error", None))
+        else:
+            programs.append(solution(f"import os\nos.system('true')\nreturn {i}"))
+            expected.append(("error", None))
+    programs[50] = programs[150] = solution("while True:\n    pass")
+    expected[50] = expected[150] = ("timeout", None)
+
+    results = sandbox.run_many(programs)
+    assert [(r.status, r.answer) for r in results] == expected
+
+
+def test_run_and_run_many_from_several_threads(sandbox):
+    outcomes = {}
+
+    def client(k: int) -> None:
+        outcomes[k] = [r.answer for r in sandbox.run_many([solution(f"return {k} + {i}") for i in range(20)])]
+        outcomes[k].append(sandbox.run(solution(f"return {k}")).answer)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert outcomes == {k: [str(k + i) for i in range(20)] + [str(k)] for k in range(4)}
+
+
+def test_timeout_override(sandbox):
+    start = time.monotonic()
+    result = sandbox.run(solution("while True:\n    pass"), timeout_s=0.5)
+    assert result.status == "timeout" and time.monotonic() - start < 0.5 + MARGIN_S
+
+
+def wait_until_dead(pid: int) -> None:
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z":   # dead, not yet reaped
+                return
+        except FileNotFoundError:
+            return
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def test_worker_killed_from_outside_is_replaced(sandbox):
+    victim = sandbox.worker_pids[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_until_dead(victim)
+    for _ in range(4):    # enough to go through both workers
+        assert_scores_good_program(sandbox)
+    assert victim not in sandbox.worker_pids and len(sandbox.worker_pids) == 2
+
+
+def test_worker_dying_mid_program_costs_only_that_program():
+    with ProgramSandbox(num_workers=1, limits=SandboxLimits(timeout_s=TIMEOUT_S)) as pool:
+        victim = pool.worker_pids[0]
+        threading.Timer(0.3, os.kill, (victim, signal.SIGKILL)).start()
+        result = pool.run(solution("import time\ntime.sleep(1.5)\nreturn 1"))
+        assert result.status == "killed" and "died" in result.detail, result
+        assert_scores_good_program(pool)
+
+
+def test_hung_worker_is_killed_and_replaced(monkeypatch):
+    monkeypatch.setattr(sandbox_module, "_REPLY_MARGIN_S", 0.5)
+    with ProgramSandbox(num_workers=1, limits=SandboxLimits(timeout_s=0.5)) as pool:
+        victim = pool.worker_pids[0]
+        threading.Timer(0.1, os.kill, (victim, signal.SIGSTOP)).start()
+        start = time.monotonic()
+        result = pool.run(solution("import time\ntime.sleep(0.3)\nreturn 1"))
+        assert result.status == "timeout" and time.monotonic() - start < 0.5 + 0.5 + MARGIN_S
+        assert_scores_good_program(pool)
+        assert victim not in pool.worker_pids
+
+
+def test_close_is_idempotent_and_cleans_up():
+    pool = ProgramSandbox(num_workers=2, limits=SandboxLimits(timeout_s=TIMEOUT_S))
+    pids, tmp_root = pool.worker_pids, pool._tmp_root
+    assert_scores_good_program(pool)
+    pool.close()
+    pool.close()
+    assert not Path(tmp_root).exists()
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists()
+    with pytest.raises(RuntimeError):
+        pool.run(GOOD_PROGRAM)
+
+
+# ------------------------------------------------------------------------------ the kernel layers
+def load_worker_module():
+    spec = importlib.util.spec_from_file_location("sandbox_worker", WORKER_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+LAYER_PROBE = r"""
+import importlib.util, json, os, socket, sys
+spec = importlib.util.spec_from_file_location("w", sys.argv[1])
+w = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(w)
+workdir, canary, pwned = sys.argv[2:5]
+caps = w.probe_capabilities()
+w.confine(workdir, 2.0, {"memory_mb": 1024, "output_bytes": 1 << 16, "max_open_files": 64}, caps,
+          os.getppid())
+attempts = {
+    "fork": os.fork,
+    "socket": socket.socket,
+    "kill": lambda: os.kill(os.getppid(), 0),
+    "overwrite": lambda: open(canary, "w"),
+    "remove": lambda: os.remove(canary),
+    "create": lambda: open(pwned, "w"),
+    "inside": lambda: open(os.path.join(workdir, "fine.txt"), "w"),
+}
+outcome = {}
+for name, attempt in attempts.items():
+    try:
+        attempt()
+        outcome[name] = "allowed"
+    except OSError:
+        outcome[name] = "refused"
+print(json.dumps({"caps": caps, "outcome": outcome}))
+"""
+
+
+def test_kernel_layers_hold_without_the_audit_hook(host):
+    """seccomp and Landlock on their own (no audit hook): what a program that escaped the Python
+    layer, e.g. through a CPython memory bug, would still face."""
+    workdir = tempfile.mkdtemp(prefix="reft-layers-")
+    os.chmod(workdir, 0o777)
+    try:
+        proc = subprocess.run([sys.executable, "-I", "-c", LAYER_PROBE, str(WORKER_SCRIPT), workdir,
+                               str(host.canary), str(host.pwned)],
+                              capture_output=True, text=True, timeout=30)
+    finally:
+        shutil.rmtree(workdir)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    caps, outcome = report["caps"], report["outcome"]
+    assert outcome["inside"] == "allowed"
+    if caps["seccomp"]:
+        assert outcome["fork"] == outcome["socket"] == outcome["kill"] == "refused"
+    if caps["landlock_abi"]:
+        assert outcome["overwrite"] == outcome["remove"] == outcome["create"] == "refused"
+    assert host.canary.read_text() == CANARY_TEXT and not host.pwned.exists()
+
+
+def run_bpf(program: bytes, arch: int, nr: int) -> int:
+    """A tiny interpreter for the instructions our seccomp filters use."""
+    insns = [struct.unpack("=HBBI", program[i:i + 8]) for i in range(0, len(program), 8)]
+    pc, acc = 0, 0
+    while True:
+        code, jt, jf, k = insns[pc]
+        if code == 0x20:
+            acc = arch if k == 4 else nr
+            pc += 1
+        elif code in (0x15, 0x35):
+            taken = acc == k if code == 0x15 else acc >= k
+            pc += 1 + (jt if taken else jf)
+        else:
+            assert code == 0x06
+            return k
+
+
+@pytest.mark.parametrize("machine", ["x86_64", "aarch64"])
+def test_seccomp_filter_decisions(machine):
+    worker = load_worker_module()
+    arch, numbers = worker.SYSCALL_TABLES[machine]
+    bpf = worker.seccomp_filter(machine)
+    eperm = worker.SECCOMP_RET_ERRNO | 1
+    for name in worker.DENIED_SYSCALLS:
+        if name in numbers:
+            assert run_bpf(bpf, arch, numbers[name]) == eperm, name
+    allowed = {"x86_64": {"read": 0, "write": 1, "mmap": 9, "exit_group": 231},
+               "aarch64": {"read": 63, "write": 64, "mmap": 222, "exit_group": 94}}[machine]
+    for name, nr in allowed.items():
+        assert run_bpf(bpf, arch, nr) == worker.SECCOMP_RET_ALLOW, name
+    assert run_bpf(bpf, 0x40000003, 1) == worker.SECCOMP_RET_KILL_PROCESS    # i386 ABI
+    if machine == "x86_64":
+        assert run_bpf(bpf, arch, 0x40000000 | 1) == worker.SECCOMP_RET_KILL_PROCESS   # x32 ABI
