@@ -104,8 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from cluster.config_io import ConfigError
+    from experiments.datasets import DatasetError
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (DatasetError, ConfigError, FileNotFoundError) as e:
+        # Bad input: say where, no traceback.
+        print(f"reft {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

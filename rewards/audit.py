@@ -18,7 +18,7 @@ import re
 from typing import Iterable, Sequence
 
 from experiments.records import ANSWER_TRIGGER, Example
-from rewards.extract import answer_text, parse_number
+from rewards.extract import TRIGGER_STEM, answer_text, parse_number
 from rewards.score import MCQ_DATASETS, Scorer, format_number
 
 _SOLUTION_DEF = re.compile(r"^def solution\(\):", re.MULTILINE)
@@ -34,6 +34,7 @@ class AuditRow:
     gold_correct: int = 0
     perturbed: int = 0
     perturbed_scored_correct: int = 0
+    perturbed_extracted: int = 0   # read as an answer (partial reward): proves the check is not vacuous
     failures: list = dataclasses.field(default_factory=list)   # [{"id", "gold", "status", "answer", "reason"}]
 
     @property
@@ -48,7 +49,8 @@ class AuditRow:
         return {"dataset": self.dataset, "split": self.split, "cot_kind": self.cot_kind, "rows": self.rows,
                 "gold_correct_pct": round(self.gold_accuracy, 3),
                 "gold_failures": len(self.failures), "perturbed": self.perturbed,
-                "perturbed_scored_correct_pct": round(self.perturbed_correct_rate, 3)}
+                "perturbed_scored_correct_pct": round(self.perturbed_correct_rate, 3),
+                "perturbed_extracted_pct": round(100.0 * self.perturbed_extracted / max(self.perturbed, 1), 3)}
 
 
 def wrong_answers(gold: str, dataset: str) -> list[str]:
@@ -62,15 +64,21 @@ def wrong_answers(gold: str, dataset: str) -> list[str]:
 
 def perturb_ncot(cot: str, new_answer: str) -> str:
     """Replace the final answer of an N-CoT (any of the dialects `answer_text` reads)."""
-    idx = cot.rfind(ANSWER_TRIGGER)
+    idx = cot.rfind(TRIGGER_STEM)
     head = cot[:idx] if idx >= 0 else cot[:cot.rfind("####")]
-    return f"{head}{ANSWER_TRIGGER}: {new_answer}"
+    return f"{head}{ANSWER_TRIGGER} {new_answer}"
 
 
 def perturb_program(program: str, new_answer: str, dataset: str) -> str:
-    """Keep the gold program but make ``solution()`` return ``new_answer`` instead."""
+    """Keep the gold program (it still runs) but make ``solution()`` return ``new_answer``.
+
+    The gold function is nested inside the new ``solution`` because the runner keeps only the
+    text from ``def solution():`` to the first blank line.
+    """
     renamed = _SOLUTION_DEF.sub("def _gold_solution():", program, count=1)
-    return f"{renamed}\ndef solution():\n    _gold_solution()\n    return {new_answer!r}"
+    nested = "\n".join("    " + line for line in renamed.split("\n"))
+    value = repr(new_answer) if dataset in MCQ_DATASETS else new_answer
+    return f"def solution():\n{nested}\n    _gold_solution()\n    return {value}"
 
 
 def audit_examples(examples: Sequence[Example], split: str, scorer: Scorer,
@@ -90,8 +98,10 @@ def audit_examples(examples: Sequence[Example], split: str, scorer: Scorer,
             row.gold_correct += 1
         else:
             found = answer_text(text) if kind == "ncot" else s.answer
+            reason = s.detail or f"extracted {found!r} != gold {e.answer!r}"
+            # The end of the CoT shows a reader whether the gold annotation or the extractor is wrong.
             row.failures.append({"id": e.id, "gold": e.answer, "status": s.status, "answer": s.answer,
-                                 "reason": s.detail or f"extracted {found!r} != gold {e.answer!r}"})
+                                 "reason": f"{reason}; CoT ends {text[-90:]!r}"})
 
     bad_texts, bad_golds, bad_options = [], [], []
     for e, text in zip(examples, texts):
@@ -102,6 +112,7 @@ def audit_examples(examples: Sequence[Example], split: str, scorer: Scorer,
     bad_scores = _score_chunks(scorer, bad_texts, bad_golds, kind, first.dataset, bad_options, progress, "perturbed")
     row.perturbed = len(bad_scores)
     row.perturbed_scored_correct = sum(s.correct for s in bad_scores)
+    row.perturbed_extracted = sum(s.status == "ok" for s in bad_scores)
     return row
 
 

@@ -17,7 +17,7 @@ import math
 import re
 from typing import Mapping, Optional
 
-ANSWER_TRIGGER = "Therefore, the answer is"   # followed by ":" (paper) or " <x>" (SVAMP files)
+TRIGGER_STEM = "Therefore, the answer is"   # followed by ":" (paper) or " <x>" (SVAMP files)
 GSM8K_TRIGGER = "####"
 NUMERIC_TOLERANCE = 1e-2
 MCQ_LETTERS = "abcde"
@@ -65,9 +65,9 @@ def parse_number(text: str) -> Optional[float]:
 
 def answer_text(completion: str) -> Optional[str]:
     """The raw answer text of an N-CoT completion: after the last trigger, else after ``####``."""
-    idx = completion.rfind(ANSWER_TRIGGER)
+    idx = completion.rfind(TRIGGER_STEM)
     if idx >= 0:
-        rest = completion[idx + len(ANSWER_TRIGGER):]
+        rest = completion[idx + len(TRIGGER_STEM):]
         rest = rest[1:] if rest.startswith(":") else rest
     else:
         idx = completion.rfind(GSM8K_TRIGGER)

@@ -50,7 +50,8 @@ class Score:
 
 
 def format_number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else format(value, ".10g")
+    """Canonical text of a number: integers without ".0", others as the shortest exact repr."""
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
 def normalise_answer(raw: str, dataset: str, options: Optional[Mapping[str, str]] = None) -> Optional[str]:

@@ -2,7 +2,7 @@
 import pytest
 
 from rewards.sandbox import ExecResult
-from rewards.score import RewardConfig, prepare_program, score_ncot, score_program
+from rewards.score import RewardConfig, format_number, prepare_program, score_ncot, score_program
 
 MCQ_OPTIONS = {"a": "38", "b": "27.675", "c": "30", "d": "data inadequate", "e": "none of these"}
 
@@ -28,6 +28,12 @@ def test_score_ncot(completion, gold, dataset, reward, status, answer):
 def test_mcq_value_maps_to_option_letter():
     s = score_ncot("Therefore, the answer is: 38", "a", "mathqa", options=MCQ_OPTIONS)
     assert (s.reward, s.answer) == (1.0, "a")
+
+
+def test_format_number_keeps_every_digit():
+    # 10 significant digits once turned 109200000.05 into the gold 109200000 (GSM8K train row 644).
+    assert format_number(109200000.05) == "109200000.05"
+    assert format_number(72.0) == "72" and format_number(-0.5) == "-0.5"
 
 
 def test_partial_reward_is_configurable():

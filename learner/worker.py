@@ -1,0 +1,406 @@
+"""One learner rank: the PPO update, the SFT step, log-prob/value scoring, checkpoints, export.
+
+A plain class: ``cluster.actor_group.ActorGroup`` turns it into a Ray actor per rank
+(``ray.remote(LearnerWorker)``); tests also use it directly, without Ray.
+
+Notation: B = sequences in this rank's shard, L = prompt + response tokens, right-padded.
+Every batch is a dict of CPU tensors, all (B, L) and aligned with ``input_ids``:
+
+    input_ids      long   prompt, response, padding
+    attention_mask long   1 on prompt and response tokens (1s then 0s: right padding)
+    response_mask  long   1 on generated tokens: the tokens losses and scores are about
+    and, for ``ppo_update``, per-token float32 tensors, 0 (or anything) off the response:
+    old_logprobs   log pi_old(token t | tokens < t), from ``compute_logprobs_and_values``
+    old_values     V(state before token t), same call
+    advantages     A_t (whitened over the WHOLE batch before sharding)
+    returns        R_t, the value targets
+
+Per-token outputs follow the same layout: column t is about token t (``token_outputs``).
+
+Data parallelism. Each rank gets an interleaved shard (``cluster.actor_group.shard``). Each
+optimizer step's loss is divided by counts of the whole step across ALL ranks (response tokens,
+or sequences for the seq-mean modes), all-reduced before the step, so every rank's loss is its
+share of the global loss: the shares sum to the loss one rank would compute on the whole batch.
+DeepSpeed then AVERAGES gradients over ranks (all-reduce sum / world_size), so each rank's share
+is multiplied by world_size before backward: sum_r world_size * g_r / world_size = sum_r g_r, the
+full-batch gradient. Micro-batches are not divided by their number (``scale_wrt_gas=False``):
+their shares simply add up. Hence 2 ranks x half a batch == 1 rank x the whole batch.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from typing import NamedTuple, Optional
+
+import ray
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from learner.algos import (
+    entropy_from_logits,
+    logprobs_from_logits,
+    policy_loss_ppo,
+    ppo_total_loss,
+    value_loss_clipped,
+)
+from learner.config import LearnerConfig
+from learner.engine import Engine, StepStats, init_distributed, resolve_backend, seed_everything
+from learner.masked import masked_sum
+
+logger = logging.getLogger(__name__)
+
+BATCH_KEYS = ("input_ids", "attention_mask", "response_mask")
+PPO_KEYS = BATCH_KEYS + ("old_logprobs", "old_values", "advantages", "returns")
+# ppo_update's metrics. Per optimizer step: pg_loss and vf_loss as optimised (``loss_agg_mode``
+# over the step's global counts); the rest are means over the step's response tokens on all ranks.
+# Then averaged over the update's steps.
+PPO_METRICS = ("pg_loss", "vf_loss", "approx_kl", "clipfrac", "vf_clipfrac", "entropy")
+
+
+class TokenOutputs(NamedTuple):
+    logprobs: Tensor  # (B, L) float32: log p(token t | tokens < t); column 0: 0
+    values: Optional[Tensor]  # (B, L) float32: V(state before token t); column 0: 0
+    entropy: Optional[Tensor]  # (B, L) float32: entropy of the distribution token t was drawn from
+
+
+class PolicyScores(NamedTuple):
+    logprobs: Tensor  # (B, L) float32, 0 off the response
+    values: Tensor  # (B, L) float32, 0 off the response
+
+
+def token_outputs(
+    input_ids: Tensor,
+    logits: Tensor,
+    values: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> TokenOutputs:
+    """Move a causal LM's per-POSITION outputs onto the TOKEN they are about. The one place where
+    the shift happens.
+
+    Position t has read tokens 0..t, so ``logits[:, t]`` is the distribution of token t + 1 and
+    ``values[:, t]`` the value of the state in which token t + 1 is chosen. Column t of every
+    output here is therefore taken from position t - 1: logprobs[:, t] = log softmax(logits[:, t-1]
+    / temperature)[input_ids[:, t]]. Nothing predicts token 0, so column 0 is 0 (a response never
+    starts at token 0: there is always a prompt). The last position's outputs (after the last
+    token) are about nothing and are dropped.
+
+    Args:
+        input_ids: (B, L).  logits: (B, L, V).  values: (B, L) or None.
+        temperature: the sampler's; the log-probs are those of the distribution it sampled from.
+        with_entropy: also the entropy of each token's distribution (at ``temperature``).
+    """
+    logits = logits[:, :-1]  # (B, L-1, V): row t predicts ...
+    targets = input_ids[:, 1:]  # (B, L-1): ... this token
+
+    def onto_tokens(per_position: Tensor) -> Tensor:  # (B, L-1) -> (B, L), column 0 = 0
+        return F.pad(per_position, (1, 0))
+
+    logprobs = onto_tokens(logprobs_from_logits(logits, targets, temperature))
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():  # a diagnostic: no entropy bonus in the paper's loss
+            entropy = onto_tokens(entropy_from_logits(logits / temperature))
+    token_values = onto_tokens(values[:, :-1].float()) if values is not None else None
+    return TokenOutputs(logprobs=logprobs, values=token_values, entropy=entropy)
+
+
+def node_ip() -> str:
+    """This node's IP as Ray knows it (reachable by the other nodes), or loopback outside Ray."""
+    return ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+
+
+def find_free_port() -> int:
+    """A TCP port free on this node now (the OS picks it; a race with another process grabbing it
+    before the rendezvous binds is possible but rare)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+class LearnerWorker:
+    """One data-parallel rank of the DeepSpeed learner.
+
+    Two phases, because rank 0 hands out the rendezvous: ``__init__`` is cheap (it sets the
+    torch.distributed environment; rank 0, given no address, picks its node's IP and a free port
+    and reports them through ``get_master_addr_port``); ``setup()`` then joins the process group
+    and builds the engine, on all ranks at once. A Ray actor cannot answer any call before its
+    ``__init__`` returns, and rank 0's process-group init blocks until every rank has joined, so
+    the address cannot be asked for if ``__init__`` already waited in the rendezvous.
+    """
+
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        master_addr: Optional[str],
+        master_port: Optional[int],
+        cfg: LearnerConfig,
+    ):
+        if master_addr is None:
+            if rank != 0:
+                raise ValueError(f"rank {rank} needs master_addr/master_port from rank 0")
+            master_addr, master_port = node_ip(), find_free_port()
+        self.rank, self.world_size, self.cfg = rank, world_size, cfg
+        self.master_addr, self.master_port = master_addr, int(master_port)
+        os.environ.update(
+            MASTER_ADDR=master_addr,
+            MASTER_PORT=str(master_port),
+            RANK=str(rank),
+            WORLD_SIZE=str(world_size),
+            # Under Ray each actor sees only its own GPU(s) (CUDA_VISIBLE_DEVICES), as cuda:0.
+            LOCAL_RANK="0",
+        )
+        self.engine: Optional[Engine] = None
+
+    def get_master_addr_port(self) -> tuple[str, int]:
+        return self.master_addr, self.master_port
+
+    def setup(self) -> float:
+        """Join the process group and build the engine (collective: all ranks at once). Returns the
+        seconds it took."""
+        start = time.perf_counter()
+        seed_everything(self.cfg.seed + self.rank)
+        init_distributed(resolve_backend(self.cfg.backend))
+        self.engine = Engine(self.cfg)
+        seconds = time.perf_counter() - start
+        logger.info("rank %d/%d: engine ready in %.1f s on %s", self.rank, self.world_size, seconds,
+                    self.engine.device)
+        return seconds
+
+    # ------------------------------------------------------------------ scoring (no grad)
+
+    @torch.no_grad()
+    def compute_logprobs_and_values(self, batch: dict[str, Tensor]) -> PolicyScores:
+        """log pi(token t) and V(state before token t) of the current policy, in one forward per
+        micro-batch: the old policy of a PPO update."""
+        _check_batch(batch, BATCH_KEYS)
+        self.engine.train(False)
+        logprobs, values = _zeros_like_tokens(batch), _zeros_like_tokens(batch)
+        for rows, mb in self._micro_batches(batch, BATCH_KEYS, 0, _num_rows(batch)):
+            out = self.engine.forward(mb["input_ids"], mb["attention_mask"])
+            tok = token_outputs(mb["input_ids"], out.logits, out.values, self.cfg.temperature)
+            width = mb["input_ids"].shape[1]
+            logprobs[rows, :width] = tok.logprobs.cpu()
+            values[rows, :width] = tok.values.cpu()
+        return PolicyScores(_on_response(logprobs, batch), _on_response(values, batch))
+
+    def compute_logprobs(self, batch: dict[str, Tensor]) -> Tensor:
+        """(B, L) log pi_theta of each response token, 0 elsewhere."""
+        return self.compute_logprobs_and_values(batch).logprobs
+
+    def compute_values(self, batch: dict[str, Tensor]) -> Tensor:
+        """(B, L) V(state before each response token), 0 elsewhere."""
+        return self.compute_logprobs_and_values(batch).values
+
+    @torch.no_grad()
+    def compute_ref_logprobs(self, batch: dict[str, Tensor]) -> Tensor:
+        """(B, L) log pi_ref of each response token, 0 elsewhere."""
+        _check_batch(batch, BATCH_KEYS)
+        logprobs = _zeros_like_tokens(batch)
+        for rows, mb in self._micro_batches(batch, BATCH_KEYS, 0, _num_rows(batch)):
+            logits = self.engine.reference_logits(mb["input_ids"], mb["attention_mask"])
+            tok = token_outputs(mb["input_ids"], logits, temperature=self.cfg.temperature)
+            logprobs[rows, : mb["input_ids"].shape[1]] = tok.logprobs.cpu()
+        return _on_response(logprobs, batch)
+
+    # ------------------------------------------------------------------ training
+
+    def ppo_update(self, batch: dict[str, Tensor]) -> dict[str, float]:
+        """``ppo_epochs`` passes over this rank's shard, each cut into ``ppo_mini_batches``
+        mini-batches taken in order (one optimizer step each, accumulated over micro-batches).
+
+        Loss per step: L = L_policy + vf_coef * L_value (``learner.algos``), aggregated with
+        ``loss_agg_mode`` over the step's GLOBAL counts (module docstring). Returns ``PPO_METRICS``
+        (global per step, averaged over the steps),
+        ``grad_norm`` (pre-clip, averaged over the steps), ``lr`` (of the last step) and
+        ``optimizer_steps``. All ranks return the same numbers.
+        """
+        _check_batch(batch, PPO_KEYS)
+        cfg = self.cfg
+        bounds = self._mini_batch_bounds(batch)
+        token_counts, seq_counts = self._global_counts(batch, bounds)
+        self.engine.train(True)
+        sums = []  # per optimizer step: (len(PPO_METRICS),) this rank's shares
+        steps: list[StepStats] = []
+        for _epoch in range(cfg.ppo_epochs):
+            for k, (start, stop) in enumerate(bounds):
+                n_tokens, n_seqs = token_counts[k], seq_counts[k]
+                step_sums = torch.zeros(len(PPO_METRICS), dtype=torch.float64, device=self.engine.device)
+                for mb in self._accumulation(batch, PPO_KEYS, start, stop):
+                    out = self.engine.forward(mb["input_ids"], mb["attention_mask"])
+                    tok = token_outputs(mb["input_ids"], out.logits, out.values, cfg.temperature, with_entropy=True)
+                    mask = mb["response_mask"]
+                    global_counts, share = self._loss_normalisation(mask, n_tokens, n_seqs)
+                    pg = policy_loss_ppo(
+                        tok.logprobs, mb["old_logprobs"], mb["advantages"], mask,
+                        clip_eps=cfg.clip_eps, agg_mode=cfg.loss_agg_mode, **global_counts,
+                    )
+                    vf = value_loss_clipped(
+                        tok.values, mb["old_values"], mb["returns"], mask,
+                        clip_eps=cfg.vf_clip_eps, agg_mode=cfg.loss_agg_mode, **global_counts,
+                    )
+                    pg_loss, vf_loss = pg.loss * share, vf.loss * share
+                    # x world_size: DeepSpeed averages gradients over ranks (module docstring).
+                    self.engine.backward(ppo_total_loss(pg_loss, vf_loss, cfg.vf_coef) * self.world_size)
+                    with torch.no_grad():
+                        weight = mask.sum() / n_tokens  # this micro-batch's share of the step's tokens
+                        step_sums += torch.stack([
+                            pg_loss.detach(),
+                            vf_loss.detach(),
+                            pg.metrics["approx_kl"] * weight,
+                            pg.metrics["clipfrac"] * weight,
+                            vf.metrics["vf_clipfrac"] * weight,
+                            masked_sum(tok.entropy, mask) / n_tokens,
+                        ]).double()  # stays on the device: no sync per micro-batch
+                steps.append(self.engine.step())
+                sums.append(step_sums)
+        # One collective for all metrics: sum the ranks' shares, then average over the steps.
+        per_step = self._all_reduce_sum(torch.stack(sums))  # (steps, metrics)
+        metrics = dict(zip(PPO_METRICS, per_step.mean(dim=0).tolist()))
+        metrics["grad_norm"] = sum(s.grad_norm for s in steps) / len(steps)
+        metrics["lr"] = steps[-1].lr
+        metrics["optimizer_steps"] = float(len(steps))
+        return metrics
+
+    def sft_step(self, batch: dict[str, Tensor]) -> dict[str, float]:
+        """One optimizer step of supervised fine-tuning on this rank's shard: cross-entropy on the
+        response tokens only (the same as HF's loss with labels = -100 off ``response_mask``),
+        averaged over the GLOBAL number of response tokens (HF's token mean, across ranks). At
+        temperature 1: SFT fits the model itself; ``temperature`` only describes the sampler.
+        Returns ``loss`` (mean NLL per response token), ``grad_norm``, ``lr``, ``num_tokens``."""
+        _check_batch(batch, BATCH_KEYS)
+        (n_tokens,), _ = self._global_counts(batch, [(0, _num_rows(batch))])
+        self.engine.train(True)
+        total = torch.zeros((), dtype=torch.float64, device=self.engine.device)
+        for mb in self._accumulation(batch, BATCH_KEYS, 0, _num_rows(batch)):
+            out = self.engine.forward(mb["input_ids"], mb["attention_mask"])
+            logprobs = token_outputs(mb["input_ids"], out.logits).logprobs
+            loss = -masked_sum(logprobs, mb["response_mask"]) / n_tokens
+            self.engine.backward(loss * self.world_size)  # x world_size: see the module docstring
+            total += loss.detach().double()
+        stats = self.engine.step()
+        return {
+            "loss": float(self._all_reduce_sum(total)),
+            "grad_norm": stats.grad_norm,
+            "lr": stats.lr,
+            "num_tokens": float(n_tokens),
+        }
+
+    # ------------------------------------------------------------------ state
+
+    def save_checkpoint(self, ckpt_dir: str, client_state: dict) -> None:
+        """Model, optimizer, LR schedule, RNG states and ``client_state`` (e.g. step, data position);
+        collective."""
+        self.engine.save_checkpoint(ckpt_dir, client_state)
+
+    def load_checkpoint(self, ckpt_dir: str) -> dict:
+        """Restore ``save_checkpoint``'s state; returns its ``client_state``. Collective."""
+        return self.engine.load_checkpoint(ckpt_dir)
+
+    def export_weights(self) -> Optional[dict[str, Tensor]]:
+        """The policy's full weights under the HF model's names, on CPU, no value head: the dict on
+        rank 0, None elsewhere. Collective (under ZeRO-3 the ranks gather each parameter)."""
+        return self.engine.export_weights()
+
+    # ------------------------------------------------------------------ helpers
+
+    def _mini_batch_bounds(self, batch: dict[str, Tensor]) -> list[tuple[int, int]]:
+        rows, parts = _num_rows(batch), self.cfg.ppo_mini_batches
+        if rows % parts:
+            raise ValueError(
+                f"rank {self.rank}: shard of {rows} sequences does not split into "
+                f"learner.ppo_mini_batches={parts} equal mini-batches (see LearnerConfig.validate)"
+            )
+        size = rows // parts
+        return [(k * size, (k + 1) * size) for k in range(parts)]
+
+    def _global_counts(
+        self, batch: dict[str, Tensor], bounds: list[tuple[int, int]]
+    ) -> tuple[list[float], list[float]]:
+        """Response tokens and non-empty sequences of each mini-batch, summed over all ranks (one
+        all-reduce). Every rank gets the same numbers."""
+        mask = batch["response_mask"].bool()
+        local = torch.tensor(
+            [[float(mask[a:b].sum()), float(mask[a:b].any(dim=1).sum())] for a, b in bounds], dtype=torch.float64
+        )
+        counts = self._all_reduce_sum(local)
+        if (counts[:, 0] == 0).any():  # every rank sees the same counts, so all raise: no hang
+            raise ValueError(
+                f"a mini-batch has no response token on any rank (tokens per mini-batch: {counts[:, 0].tolist()})"
+            )
+        return counts[:, 0].tolist(), counts[:, 1].tolist()
+
+    def _all_reduce_sum(self, tensor: Tensor) -> Tensor:
+        """Sum a small tensor over ranks; returns it on the CPU. (It goes through the device: NCCL
+        has no CPU path. Reading the result is a sync point, paid once per call.)"""
+        on_device = tensor.to(self.engine.device)
+        dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
+        return on_device.cpu()
+
+    def _micro_batches(self, batch: dict[str, Tensor], keys: tuple[str, ...], start: int, stop: int):
+        """Yield (row slice, micro-batch of ``keys`` on the device) over rows [start, stop), each
+        micro-batch cut to the width of its longest sequence (right padding: the columns after it
+        are all padding). Other keys of the batch (the driver's bookkeeping) stay behind."""
+        size = self.cfg.micro_batch_size
+        for a in range(start, stop, size):
+            rows = slice(a, min(a + size, stop))
+            width = int(batch["attention_mask"][rows].sum(dim=1).max())
+            yield rows, {key: batch[key][rows, :width].to(self.engine.device) for key in keys}
+
+    def _accumulation(self, batch: dict[str, Tensor], keys: tuple[str, ...], start: int, stop: int):
+        """The micro-batches of one optimizer step (``_micro_batches``), telling the engine before
+        each one whether its backward closes the accumulation."""
+        micro = [mb for _rows, mb in self._micro_batches(batch, keys, start, stop)]
+        for i, mb in enumerate(micro):
+            self.engine.set_boundary(i == len(micro) - 1)
+            yield mb
+
+    def _loss_normalisation(self, mask: Tensor, n_tokens: float, n_seqs: float) -> tuple[dict, Tensor | float]:
+        """(keyword arguments for the loss functions, factor for their result) that make a
+        micro-batch's loss its share of the step's global loss.
+
+        "token-mean": pass the global token count; the factor is 1. The seq-mean modes divide by a
+        number of sequences, which ``policy_loss_ppo`` / ``value_loss_clipped`` cannot take (they
+        forward only ``num_tokens_global`` to ``agg_loss``), so ``agg_loss`` divides by this
+        micro-batch's own count of non-empty sequences; the factor n_local / n_global turns that
+        into the global division exactly (an all-empty micro-batch has loss 0 either way).
+        """
+        if self.cfg.loss_agg_mode == "token-mean":
+            return {"num_tokens_global": n_tokens}, 1.0
+        n_local = mask.bool().any(dim=1).sum().float()
+        return {}, n_local / n_seqs
+
+
+def _num_rows(batch: dict[str, Tensor]) -> int:
+    return batch["input_ids"].shape[0]
+
+
+def _zeros_like_tokens(batch: dict[str, Tensor]) -> Tensor:
+    return torch.zeros(batch["input_ids"].shape, dtype=torch.float32)
+
+
+def _on_response(per_token: Tensor, batch: dict[str, Tensor]) -> Tensor:
+    return torch.where(batch["response_mask"].bool(), per_token, 0.0)
+
+
+def _check_batch(batch: dict[str, Tensor], keys: tuple[str, ...]) -> None:
+    """Fail early, naming the problem, on what would otherwise give silently wrong numbers."""
+    missing = [k for k in keys if k not in batch]
+    if missing:
+        raise KeyError(f"batch lacks {missing}; it has {sorted(batch)}")
+    shape = tuple(batch["input_ids"].shape)
+    wrong = {k: tuple(batch[k].shape) for k in keys if tuple(batch[k].shape) != shape or len(shape) != 2}
+    if wrong:
+        raise ValueError(f"every batch tensor must be (B, L) = {shape}; got {wrong}")
+    attention, response = batch["attention_mask"].bool(), batch["response_mask"].bool()
+    if (attention[:, 1:] & ~attention[:, :-1]).any():
+        raise ValueError("attention_mask must be right-padded (1s, then 0s) in every row")
+    if (response & ~attention).any():
+        raise ValueError("response_mask marks tokens outside attention_mask")
+    if response[:, 0].any():
+        raise ValueError("response_mask marks token 0: a response needs at least one prompt token before it")
