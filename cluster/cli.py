@@ -2,6 +2,7 @@
 
     reft reward --kind ncot|pcot --gold ANSWER [--dataset NAME] < completion.txt
     reft audit-rewards --dataset NAME|all [--split train|test] [--kind ncot|pcot] [--path FILE]
+    reft sft [--config FILE] [key.sub=value ...]
 
 Each subcommand is one function ``cmd_<name>(args) -> int``; heavy imports happen inside it so
 that ``reft --help`` stays instant.
@@ -9,6 +10,7 @@ that ``reft --help`` stays instant.
 from __future__ import annotations
 
 import argparse
+import logging
 import json
 import sys
 from pathlib import Path
@@ -76,6 +78,21 @@ def cmd_audit_rewards(args) -> int:
     return 0 if ok else 1
 
 
+def cmd_sft(args) -> int:
+    from cluster.config import RunConfig
+    from cluster.config_io import load_config
+    from cluster.sft import run_sft
+
+    cfg = load_config(RunConfig, args.config, args.overrides)
+    result = run_sft(cfg)
+    for record, ckpt in zip(result.history, result.checkpoints):
+        acc = record.get("eval/test_accuracy")
+        print(f"epoch {record['epoch']}: loss {record['sft/epoch_loss']:.4f}"
+              + (f", test accuracy {acc:.1f}%, train accuracy {record['eval/train_accuracy']:.1f}%" if acc is not None else "")
+              + f", {record['sft/epoch_seconds']:.0f} s -> {ckpt}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reft", description="ReFT: reinforced fine-tuning for math reasoning, on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -100,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="also write the full report (with failures) to this file")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_audit_rewards)
+
+    p = sub.add_parser("sft", help="SFT warm-up alone: per-epoch HF checkpoints and greedy accuracy")
+    p.add_argument("--config", type=Path, default=None, help="YAML run config (default: the embedded tiny run)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sft.epochs=3 learner.zero_stage=3")
+    p.set_defaults(func=cmd_sft)
     return parser
 
 
@@ -108,6 +130,7 @@ def main(argv=None) -> int:
     from experiments.datasets import DatasetError
 
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
     except (DatasetError, ConfigError, FileNotFoundError) as e:

@@ -37,13 +37,27 @@ def from_dict(cls: type[T], data: Optional[dict], prefix: str = "") -> T:
         raise ConfigError(f"unknown key(s) {', '.join(prefix + k for k in unknown)} at {where}; "
                           f"valid keys: {', '.join(sorted(fields))}")
     hints = typing.get_type_hints(cls)
-    kwargs = {name: _convert(hints[name], value, prefix + name) for name, value in data.items()}
+    kwargs = {}
+    for name, value in data.items():
+        default = _default(fields[name])
+        if dataclasses.is_dataclass(default) and isinstance(value, dict):
+            # A section given in part keeps the parent's defaults for the rest of it.
+            value = merge(to_dict(default), value)
+        kwargs[name] = _convert(hints[name], value, prefix + name)
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
         if isinstance(e, ConfigError):
             raise
         raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from None
+
+
+def _default(field: dataclasses.Field) -> Any:
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None
 
 
 def _convert(tp: Any, value: Any, key: str) -> Any:

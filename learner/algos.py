@@ -72,9 +72,9 @@ register_value_loss = _make_register(VALUE_LOSSES, "value loss")
 
 # The contracts every registered function follows (see the get_* docstrings).
 AdvantageFn = Callable[["AdvantageInputs", "AdvantageConfig"], "AdvantageOutputs"]
-# (logprobs, old_logprobs, advantages, mask, *, clip_eps, agg_mode, num_tokens_global) -> LossOutput
+# (logprobs, old_logprobs, advantages, mask, *, clip_eps, agg_mode, num_tokens_global, num_seqs_global) -> LossOutput
 PolicyLossFn = Callable[..., "LossOutput"]
-# (values, old_values, returns, mask, *, clip_eps, agg_mode, num_tokens_global) -> LossOutput
+# (values, old_values, returns, mask, *, clip_eps, agg_mode, num_tokens_global, num_seqs_global) -> LossOutput
 ValueLossFn = Callable[..., "LossOutput"]
 
 
@@ -84,12 +84,12 @@ def get_advantage_estimator(name: str) -> Callable:
 
 
 def get_policy_loss(name: str) -> Callable:
-    """``fn(logprobs, old_logprobs, advantages, mask, *, clip_eps, agg_mode, num_tokens_global) -> LossOutput``."""
+    """``fn(logprobs, old_logprobs, advantages, mask, *, clip_eps, agg_mode, num_tokens_global, num_seqs_global) -> LossOutput``."""
     return _lookup(POLICY_LOSSES, name, "policy loss")
 
 
 def get_value_loss(name: str) -> Callable:
-    """``fn(values, old_values, returns, mask, *, clip_eps, agg_mode, num_tokens_global) -> LossOutput``."""
+    """``fn(values, old_values, returns, mask, *, clip_eps, agg_mode, num_tokens_global, num_seqs_global) -> LossOutput``."""
     return _lookup(VALUE_LOSSES, name, "value loss")
 
 
@@ -356,6 +356,7 @@ def policy_loss_ppo(
     clip_eps: float = 0.2,
     agg_mode: str = "token-mean",
     num_tokens_global: Optional[Union[int, Tensor]] = None,
+    num_seqs_global: Optional[Union[int, Tensor]] = None,
 ) -> LossOutput:
     """PPO clipped surrogate, L = -min(rho_t A_t, clip(rho_t, 1 - eps, 1 + eps) A_t).
 
@@ -363,7 +364,8 @@ def policy_loss_ppo(
         logprobs: (B, T) log pi_theta of the generated tokens, WITH grad.
         old_logprobs: (B, T) log pi_old: recomputed by the learner before the PPO epochs.
         advantages: (B, T) A_t.   mask: (B, T) 1 = generated token (padding is ignored, even NaN).
-        clip_eps: eps (0.2).   agg_mode / num_tokens_global: see ``learner.masked.agg_loss``.
+        clip_eps: eps (0.2).   agg_mode / num_tokens_global / num_seqs_global: see
+            ``learner.masked.agg_loss`` (global counts make data-parallel shards add up).
     Metrics (detached): ``approx_kl`` = mean of (rho - 1) - log rho, an unbiased, non-negative
     estimate of KL(pi_old || pi_theta) (k3; CleanRL), ``clipfrac`` = fraction of tokens where the
     clipped term is the active one (its gradient is 0), ``ratio_mean`` = mean rho.
@@ -376,7 +378,7 @@ def policy_loss_ppo(
     surrogate = -adv * ratio
     surrogate_clipped = -adv * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
     loss_mat = torch.maximum(surrogate, surrogate_clipped)
-    loss = agg_loss(loss_mat, mask, agg_mode, num_tokens_global)
+    loss = agg_loss(loss_mat, mask, agg_mode, num_tokens_global, num_seqs_global)
     with torch.no_grad():
         metrics = {
             "approx_kl": masked_mean((ratio - 1.0) - log_ratio, mask),
@@ -395,6 +397,7 @@ def value_loss_clipped(
     clip_eps: float = 0.2,
     agg_mode: str = "token-mean",
     num_tokens_global: Optional[Union[int, Tensor]] = None,
+    num_seqs_global: Optional[Union[int, Tensor]] = None,
 ) -> LossOutput:
     """Clipped value loss, 1/2 * agg(max((V - R)^2, (clip(V, V_old - eps, V_old + eps) - R)^2)).
 
@@ -410,7 +413,8 @@ def value_loss_clipped(
     clipped = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
     loss_unclipped = (values - returns).square()
     loss_clipped = (clipped - returns).square()
-    loss = 0.5 * agg_loss(torch.maximum(loss_unclipped, loss_clipped), mask, agg_mode, num_tokens_global)
+    loss_mat = torch.maximum(loss_unclipped, loss_clipped)
+    loss = 0.5 * agg_loss(loss_mat, mask, agg_mode, num_tokens_global, num_seqs_global)
     with torch.no_grad():
         metrics = {
             "vf_clipfrac": masked_mean((loss_clipped > loss_unclipped).float(), mask),
@@ -428,13 +432,14 @@ def value_loss_mse(
     clip_eps: float = 0.2,
     agg_mode: str = "token-mean",
     num_tokens_global: Optional[Union[int, Tensor]] = None,
+    num_seqs_global: Optional[Union[int, Tensor]] = None,
 ) -> LossOutput:
     """Unclipped value loss 1/2 * agg((V - R)^2) (``old_values`` and ``clip_eps`` are unused;
     the signature is the value-loss registry's)."""
     _check_shapes(values=values, returns=returns, mask=mask)
     valid = mask.bool()
     err = torch.where(valid, values, 0.0) - torch.where(valid, returns, 0.0)
-    loss = 0.5 * agg_loss(err.square(), mask, agg_mode, num_tokens_global)
+    loss = 0.5 * agg_loss(err.square(), mask, agg_mode, num_tokens_global, num_seqs_global)
     with torch.no_grad():
         metrics = {"vf_clipfrac": torch.zeros((), device=values.device), "vpred_mean": masked_mean(values, mask)}
     return LossOutput(loss=loss, metrics=metrics)

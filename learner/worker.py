@@ -235,7 +235,9 @@ class LearnerWorker:
                     out = self.engine.forward(mb["input_ids"], mb["attention_mask"])
                     tok = token_outputs(mb["input_ids"], out.logits, out.values, cfg.temperature, with_entropy=True)
                     mask = mb["response_mask"]
-                    global_counts, share = self._loss_normalisation(mask, n_tokens, n_seqs)
+                    # Divided by the step's GLOBAL counts: the micro-batch losses of all ranks
+                    # add up to the loss of the whole step.
+                    global_counts = {"num_tokens_global": n_tokens, "num_seqs_global": n_seqs}
                     pg = policy_loss_ppo(
                         tok.logprobs, mb["old_logprobs"], mb["advantages"], mask,
                         clip_eps=cfg.clip_eps, agg_mode=cfg.loss_agg_mode, **global_counts,
@@ -244,7 +246,7 @@ class LearnerWorker:
                         tok.values, mb["old_values"], mb["returns"], mask,
                         clip_eps=cfg.vf_clip_eps, agg_mode=cfg.loss_agg_mode, **global_counts,
                     )
-                    pg_loss, vf_loss = pg.loss * share, vf.loss * share
+                    pg_loss, vf_loss = pg.loss, vf.loss
                     # x world_size: DeepSpeed averages gradients over ranks (module docstring).
                     self.engine.backward(ppo_total_loss(pg_loss, vf_loss, cfg.vf_coef) * self.world_size)
                     with torch.no_grad():
@@ -359,21 +361,6 @@ class LearnerWorker:
         for i, mb in enumerate(micro):
             self.engine.set_boundary(i == len(micro) - 1)
             yield mb
-
-    def _loss_normalisation(self, mask: Tensor, n_tokens: float, n_seqs: float) -> tuple[dict, Tensor | float]:
-        """(keyword arguments for the loss functions, factor for their result) that make a
-        micro-batch's loss its share of the step's global loss.
-
-        "token-mean": pass the global token count; the factor is 1. The seq-mean modes divide by a
-        number of sequences, which ``policy_loss_ppo`` / ``value_loss_clipped`` cannot take (they
-        forward only ``num_tokens_global`` to ``agg_loss``), so ``agg_loss`` divides by this
-        micro-batch's own count of non-empty sequences; the factor n_local / n_global turns that
-        into the global division exactly (an all-empty micro-batch has loss 0 either way).
-        """
-        if self.cfg.loss_agg_mode == "token-mean":
-            return {"num_tokens_global": n_tokens}, 1.0
-        n_local = mask.bool().any(dim=1).sum().float()
-        return {}, n_local / n_seqs
 
 
 def _num_rows(batch: dict[str, Tensor]) -> int:

@@ -23,13 +23,19 @@ class Inner:
 class Outer:
     inner: Inner = Inner()
     flag: bool = False
+    tuned: Inner = Inner(lr=0.5, steps=9)
+
+
+def test_partial_section_keeps_the_parents_defaults():
+    cfg = load_config(Outer, None, ["tuned.steps=2"])
+    assert cfg.tuned == Inner(lr=0.5, steps=2)
 
 
 def test_yaml_plus_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("inner:\n  lr: 2.0e-5\n  steps: 5\nflag: true\n")
     cfg = load_config(Outer, path, ["inner.steps=7", "inner.name=run1", "inner.betas=[0.8, 0.9]"])
-    assert cfg == Outer(Inner(lr=2e-5, steps=7, name="run1", betas=(0.8, 0.9)), flag=True)
+    assert cfg == Outer(Inner(lr=2e-5, steps=7, name="run1", betas=(0.8, 0.9)), flag=True, tuned=Outer().tuned)
     assert from_dict(Outer, to_dict(cfg)) == cfg
 
 

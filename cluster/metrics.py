@@ -1,0 +1,92 @@
+"""Run metrics: one place that writes every scalar to jsonl, TensorBoard and (optionally) Ray.
+
+    log = MetricsLogger(run_dir)
+    log.write(step, {"sft/loss": 1.2, "eval/accuracy": 31.0})
+    log.close()          # also writes metrics.csv (one column per key)
+
+Keys carry a namespace (``sft/``, ``rl/``, ``eval/``, ``perf/``, ``timing/``) as verl's do.
+Ray custom metrics (``ray.util.metrics.Gauge``, shown by the Ray dashboard's Metrics page and
+its Prometheus endpoint) are published for the keys given in ``ray_keys`` when Ray is running.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Iterable, Mapping, Optional
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, tensorboard: bool = True, ray_keys: Iterable[str] = ()):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.run_dir / "metrics.jsonl"
+        self._file = open(self.path, "a", encoding="utf-8")
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+        self._ray_keys = set(ray_keys)
+        self._gauges: dict = {}
+
+    def write(self, step: int, metrics: Mapping[str, float]) -> None:
+        record = {"step": step, "time": round(time.time(), 3)}
+        record.update({k: _plain(v) for k, v in metrics.items()})
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        for key, value in metrics.items():
+            value = _plain(value)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                continue
+            if self._tb is not None:
+                self._tb.add_scalar(key, value, step)
+            if key in self._ray_keys:
+                self._gauge(key).set(value)
+
+    def _gauge(self, key: str):
+        if key not in self._gauges:
+            import ray
+            from ray.util.metrics import Gauge
+            if not ray.is_initialized():
+                return _NullGauge()
+            name = "reft_" + key.replace("/", "_").replace("-", "_")
+            self._gauges[key] = Gauge(name, description=f"ReFT {key}")
+        return self._gauges[key]
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+        write_csv(self.path, self.run_dir / "metrics.csv")
+
+
+class _NullGauge:
+    def set(self, value):
+        pass
+
+
+def read_metrics(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_csv(jsonl: Path, csv: Path) -> None:
+    import pandas as pd
+    rows = read_metrics(jsonl) if Path(jsonl).exists() else []
+    if rows:
+        pd.DataFrame(rows).to_csv(csv, index=False)
+
+
+def _plain(value):
+    """Tensors and numpy scalars → Python numbers (a sync point for device tensors)."""
+    if hasattr(value, "item"):
+        return value.item()
+    return value
+
+
+def summary_line(step: int, metrics: Mapping[str, float], keys: Optional[Iterable[str]] = None) -> str:
+    """``step 12 | sft/loss 1.234 | eval/accuracy 31.0`` for the log."""
+    keys = list(keys) if keys is not None else list(metrics)
+    parts = [f"{k} {metrics[k]:.4g}" for k in keys if k in metrics and isinstance(metrics[k], (int, float))]
+    return f"step {step} | " + " | ".join(parts)

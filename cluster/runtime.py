@@ -1,0 +1,65 @@
+"""What every recipe needs before its loop: Ray, the data, the starting model, the run directory."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+
+from cluster.config import TINY, RunConfig
+from cluster.config_io import dump_yaml
+from experiments.datasets import load_dataset
+from experiments.records import Example
+
+logger = logging.getLogger("reft")
+
+
+def init_ray(cfg: RunConfig) -> None:
+    """Join the configured Ray cluster, the job's cluster under `ray job submit`, or start a
+    local one that listens on 127.0.0.1 only (dashboard included)."""
+    import ray
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")   # one auth mode for head and clients (DESIGN §6)
+    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, namespace="reft", log_to_driver=True)
+    else:
+        ray.init(namespace="reft", include_dashboard=cfg.cluster.dashboard, dashboard_host="127.0.0.1",
+                 _node_ip_address="127.0.0.1", log_to_driver=True)
+    logger.info("ray: %s", ray.get_runtime_context().gcs_address)
+
+
+def load_splits(cfg: RunConfig) -> tuple[list[Example], list[Example]]:
+    d = cfg.data
+    kwargs = dict(cot_kind=d.cot_kind, data_dir=Path(d.data_dir) if d.data_dir else None,
+                  synthetic_config=d.synthetic)
+    train = load_dataset(d.dataset, "train", path=d.train_path, **kwargs)
+    test = load_dataset(d.dataset, "test", path=d.test_path, **kwargs)
+    return train, (test[:d.eval_size] if d.eval_size else test)
+
+
+def prepare_model(cfg: RunConfig, run_dir: Path) -> RunConfig:
+    """Resolve ``learner.model``: "tiny" builds a tokenizer + random-init Qwen2 from the synthetic
+    corpus into ``run_dir/base_model`` (once; a resumed run reuses it)."""
+    if cfg.learner.model != TINY:
+        return cfg
+    from experiments.synthetic import generate
+    from experiments.tiny_model import build_tiny_model, corpus_from_examples
+
+    out = run_dir / "base_model"
+    if not (out / "config.json").exists():
+        texts = []
+        for kind in ("ncot", "pcot"):   # one vocabulary for both CoT kinds
+            train, test = generate(cfg.data.synthetic, cot_kind=kind)
+            texts += corpus_from_examples(train + test)
+        build_tiny_model(out, texts, cfg.tiny_model, max_value=cfg.data.synthetic.max_value)
+        logger.info("built the tiny model in %s", out)
+    return dataclasses.replace(cfg, learner=dataclasses.replace(cfg.learner, model=str(out)))
+
+
+def make_run_dir(cfg: RunConfig) -> Path:
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_yaml(cfg, run_dir / "config.yaml")
+    return run_dir

@@ -1,0 +1,128 @@
+"""The SFT warm-up recipe: supervised fine-tuning on the gold CoTs, run on the DeepSpeed learner
+group, with a Hugging Face checkpoint and a greedy evaluation after every epoch.
+
+    for epoch in 1..E:
+        for each batch of gold (question, CoT) pairs, in a seeded shuffled order:
+            learner.sft_step(batch)              # cross-entropy on the CoT tokens only
+        export weights → runs/<name>/sft/epoch-<e>/     (HF format: the RL stage starts from one)
+        greedy accuracy on held-out and on training problems
+
+Users run it once (``reft sft``) and start several RL runs from its checkpoints.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Optional
+
+import ray
+from tqdm import tqdm
+
+from cluster.actor_group import ActorGroup
+from cluster.config import RunConfig
+from cluster.metrics import MetricsLogger, summary_line
+from cluster.runtime import init_ray, load_splits, make_run_dir, prepare_model
+from experiments.evaluate import greedy_accuracy, hf_greedy
+from experiments.records import Example
+from experiments.tiny_model import load_tokenizer
+from learner.data import collate, tokenize_sft
+from learner.export import save_hf_checkpoint
+from learner.worker import LearnerWorker
+from rewards.score import Scorer
+
+logger = logging.getLogger("reft")
+
+
+@dataclasses.dataclass
+class SFTResult:
+    checkpoints: list        # HF checkpoint dirs, one per epoch
+    history: list            # per-epoch dicts: epoch, loss, accuracies, seconds
+
+
+def start_learners(cfg: RunConfig, learner_cfg) -> ActorGroup:
+    c = cfg.cluster
+    group = ActorGroup(ray.remote(LearnerWorker), c.num_learners, learner_cfg, num_cpus_per_actor=c.learner_cpus,
+                       num_gpus_per_actor=c.learner_gpus, name_prefix="learner", timeout_s=c.call_timeout_s)
+    return group
+
+
+def evaluate_checkpoint(path: Path, examples: list[Example], scorer: Scorer, max_new_tokens: int):
+    """Greedy top-1 accuracy of an HF checkpoint, generated in this process with HF ``generate``."""
+    from learner.model import load_causal_lm
+    model = load_causal_lm(str(path), "fp32")
+    tokenizer = load_tokenizer(path)
+    return greedy_accuracy(lambda prompts: hf_greedy(model, tokenizer, prompts, max_new_tokens), examples, scorer)
+
+
+def run_sft(cfg: RunConfig, group: Optional[ActorGroup] = None) -> SFTResult:
+    cfg.validate()
+    run_dir = make_run_dir(cfg)
+    cfg = prepare_model(cfg, run_dir)
+    train, test = load_splits(cfg)
+    tokenizer = load_tokenizer(cfg.learner.model)
+
+    # 1. tokenize the gold CoTs; drop (and count) the ones longer than max_length
+    items = [tokenize_sft(tokenizer, e) for e in train]
+    kept = [i for i, t in enumerate(items) if len(t.prompt_ids) + len(t.response_ids) <= cfg.sft.max_length]
+    if len(kept) < len(items):
+        logger.warning("sft: dropped %d of %d training examples longer than sft.max_length=%d",
+                       len(items) - len(kept), len(items), cfg.sft.max_length)
+    steps_per_epoch = len(kept) // cfg.sft.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"sft.batch_size={cfg.sft.batch_size} is larger than the {len(kept)} training examples")
+    total_steps = steps_per_epoch * cfg.sft.epochs
+    learner_cfg = dataclasses.replace(cfg.learner, with_reference=False, lr=cfg.sft.lr,
+                                      lr_schedule=cfg.sft.lr_schedule, warmup_ratio=cfg.sft.warmup_ratio,
+                                      total_steps=total_steps)
+
+    # 2. the learner group (DeepSpeed ranks as Ray actors)
+    init_ray(cfg)
+    own_group = group is None
+    group = group or start_learners(cfg, learner_cfg)
+    metrics = MetricsLogger(run_dir / "sft", ray_keys=("sft/loss", "eval/test_accuracy"))
+    scorer = Scorer(cfg.reward)
+    result = SFTResult([], [])
+    rng = random.Random(cfg.seed)
+    step = 0
+    try:
+        for epoch in range(1, cfg.sft.epochs + 1):
+            # 3. one epoch over the shuffled training set
+            order = kept[:]
+            rng.shuffle(order)
+            start, losses, tokens = time.perf_counter(), [], 0
+            bar = tqdm(range(steps_per_epoch), desc=f"sft epoch {epoch}/{cfg.sft.epochs}", unit="step")
+            for i in bar:
+                rows = order[i * cfg.sft.batch_size:(i + 1) * cfg.sft.batch_size]
+                batch = collate([items[r] for r in rows], tokenizer.pad_token_id, cfg.sft.max_length)
+                out = group.run_sharded(LearnerWorker.sft_step, batch)[0]
+                step += 1
+                losses.append(out["loss"])
+                tokens += int(batch["attention_mask"].sum())
+                bar.set_postfix(loss=f"{out['loss']:.3f}")
+                metrics.write(step, {"sft/loss": out["loss"], "sft/grad_norm": out["grad_norm"], "sft/lr": out["lr"]})
+            seconds = time.perf_counter() - start
+
+            # 4. checkpoint (HF format) and greedy evaluation
+            ckpt = save_hf_checkpoint(group.run(LearnerWorker.export_weights)[0], cfg.learner.model,
+                                      run_dir / "sft" / f"epoch-{epoch}")
+            result.checkpoints.append(ckpt)
+            record = {"epoch": epoch, "sft/epoch_loss": sum(losses) / len(losses), "sft/epoch_seconds": seconds,
+                      "perf/sft_tokens_per_s": tokens / seconds}
+            if cfg.sft.eval_every_epochs and (epoch % cfg.sft.eval_every_epochs == 0 or epoch == cfg.sft.epochs):
+                test_eval = evaluate_checkpoint(ckpt, test, scorer, cfg.sft.eval_max_new_tokens)
+                train_eval = evaluate_checkpoint(ckpt, train[:cfg.data.train_eval_size], scorer,
+                                                 cfg.sft.eval_max_new_tokens)
+                record.update({"eval/test_accuracy": test_eval.accuracy, "eval/train_accuracy": train_eval.accuracy,
+                               "eval/test_answered": test_eval.answered})
+            metrics.write(step, record)
+            result.history.append(record)
+            logger.info("sft %s", summary_line(step, record))
+    finally:
+        metrics.close()
+        scorer.close()
+        if own_group:
+            group.kill()
+    return result
