@@ -15,6 +15,9 @@ import json
 import sys
 from pathlib import Path
 
+# The embedded default run: the synthetic task and a tiny model built from scratch, on CPU.
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "tiny.yaml"
+
 
 def cmd_reward(args) -> int:
     from rewards.extract import parse_mcq_options
@@ -83,7 +86,7 @@ def cmd_sft(args) -> int:
     from cluster.config_io import load_config
     from cluster.sft import run_sft
 
-    cfg = load_config(RunConfig, args.config, args.overrides)
+    cfg = load_config(RunConfig, args.config or DEFAULT_CONFIG, args.overrides)
     result = run_sft(cfg)
     for record, ckpt in zip(result.history, result.checkpoints):
         acc = record.get("eval/test_accuracy")
@@ -119,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_audit_rewards)
 
     p = sub.add_parser("sft", help="SFT warm-up alone: per-epoch HF checkpoints and greedy accuracy")
-    p.add_argument("--config", type=Path, default=None, help="YAML run config (default: the embedded tiny run)")
+    p.add_argument("--config", type=Path, default=None, help="YAML run config (default: experiments/configs/tiny.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sft.epochs=3 learner.zero_stage=3")
     p.set_defaults(func=cmd_sft)
     return parser

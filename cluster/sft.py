@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import ray
 from tqdm import tqdm
 
 from cluster.actor_group import ActorGroup
@@ -44,9 +43,8 @@ class SFTResult:
 
 def start_learners(cfg: RunConfig, learner_cfg) -> ActorGroup:
     c = cfg.cluster
-    group = ActorGroup(ray.remote(LearnerWorker), c.num_learners, learner_cfg, num_cpus_per_actor=c.learner_cpus,
-                       num_gpus_per_actor=c.learner_gpus, name_prefix="learner", timeout_s=c.call_timeout_s)
-    return group
+    return ActorGroup(LearnerWorker, c.num_learners, learner_cfg, num_cpus_per_actor=c.learner_cpus,
+                      num_gpus_per_actor=c.learner_gpus, name_prefix="learner", timeout_s=c.call_timeout_s)
 
 
 def evaluate_checkpoint(path: Path, examples: list[Example], scorer: Scorer, max_new_tokens: int):

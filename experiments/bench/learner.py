@@ -37,7 +37,7 @@ def bench_config(model_dir: Path, ranks: int, stage: int, batch, steps: int) -> 
 
     cfg = LearnerConfig(model=str(model_dir), zero_stage=stage, micro_batch_size=16, lr=1e-4)
     start = time.perf_counter()
-    group = ActorGroup(ray.remote(LearnerWorker), ranks, cfg, num_cpus_per_actor=2 / ranks, timeout_s=1800)
+    group = ActorGroup(LearnerWorker, ranks, cfg, num_cpus_per_actor=2 / ranks, timeout_s=1800)
     startup = time.perf_counter() - start
     tokens = int(batch["attention_mask"].sum())
     try:
