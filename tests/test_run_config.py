@@ -1,0 +1,49 @@
+"""The run config: every shipped YAML loads and validates; bad keys and arithmetic name the key."""
+from pathlib import Path
+
+import pytest
+
+from cluster.cli import DEFAULT_CONFIG, main
+from cluster.config import RunConfig
+from cluster.config_io import ConfigError, load_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "experiments" / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_configs_load_and_validate(path):
+    load_config(RunConfig, path).validate()
+
+
+def test_default_config_is_the_tiny_run():
+    cfg = load_config(RunConfig, DEFAULT_CONFIG)
+    assert (cfg.name, cfg.data.dataset, cfg.learner.model, cfg.cluster.mode) == ("tiny", "synthetic", "tiny", "cpu")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["learner.zero_stage=4"], r"learner\.zero_stage must be 0\.\.3, got 4"),
+    (["learner.dtype=fp16"], r"learner\.dtype must be one of \['fp32', 'bf16'\]"),
+    (["learner.lr=-1"], r"learner\.lr must be > 0"),
+    (["learner.zero_stag=2"], r"unknown key\(s\) learner\.zero_stag at learner; valid keys: .*zero_stage"),
+    (["sft.epochs=0"], r"sft\.epochs must be >= 1"),
+    (["cluster.mode=gpu"], r"cluster\.mode must be one of \['cpu', 'local-gpu', 'cluster'\]"),
+    (["data.cot_kind=xcot"], r"data\.cot_kind must be ncot or pcot"),
+])
+def test_bad_values_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(RunConfig, DEFAULT_CONFIG, overrides)
+
+
+def test_batch_arithmetic_is_checked_before_any_actor_starts():
+    cfg = load_config(RunConfig, DEFAULT_CONFIG, ["sft.batch_size=30", "cluster.num_learners=4"])
+    with pytest.raises(ConfigError, match=r"batch_size=30 must be divisible by world_size \(4\)"):
+        cfg.validate()
+    cfg = load_config(RunConfig, DEFAULT_CONFIG, ["data.dataset=gsm8k"])
+    with pytest.raises(ConfigError, match="learner.model = tiny"):
+        cfg.validate()
+
+
+def test_cli_reports_config_errors_without_traceback(capsys):
+    assert main(["sft", "learner.zero_stage=7"]) == 2
+    err = capsys.readouterr().err
+    assert "learner.zero_stage must be 0..3, got 7" in err and "Traceback" not in err
