@@ -1,0 +1,171 @@
+"""Configuration of the rollout side: the vLLM engines, their Ray actors and the weight sync.
+
+One frozen dataclass, ``RolloutConfig``. The same file runs on a 2-core laptop (vLLM's CPU
+backend) and on GPUs: the fields whose right value depends on the device default to ``None`` or
+``"auto"`` and are resolved inside the actor, where the device is known (`resolved_dtype`,
+`resolved_enforce_eager`). ``__post_init__`` checks each value on its own; every error names
+the key (``rollout.<field>``) and the value, as ``learner.config`` does.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+SYNC_TRANSPORTS = ("shm", "object_store", "nccl", "gloo")
+VERIFY_MODES = ("both", "checksum", "probe", "off")
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+    model: str
+    """Local directory (or HF hub id) of the starting weights: the SFT warm-up checkpoint for the
+    RL stage. Weight syncs replace the weights later; the tokenizer and config stay this one's.
+    No default: every run must say which model it samples from."""
+
+    dtype: str = "auto"
+    """vLLM's compute dtype. "auto" = "float32" on CPU (bf16 measured slower on AVX2 CPUs,
+    DESIGN §6, and fp32 makes the sampler's logprobs match the learner's to ~1e-6) and "bfloat16"
+    on GPU (the paper's setting, half the memory)."""
+
+    max_model_len: int = 1024
+    """Prompt + completion tokens per sequence. The paper's RL stage caps prompt + answer at 700
+    tokens; 1024 (the SFT max length) leaves room without wasting KV-cache blocks."""
+
+    kv_cache_gib: int = 1
+    """CPU only: GiB of KV cache (vLLM's ``VLLM_CPU_KVCACHE_SPACE``, an integer). 1 GiB holds
+    ~thousands of sequences of the tiny model; each engine on a node takes this much RAM."""
+
+    gpu_memory_utilization: float = 0.9
+    """GPU only: fraction of the GPU vLLM may take (weights + KV cache). vLLM's default; lower it
+    (e.g. 0.4) when the learner shares the GPU (local-gpu mode)."""
+
+    tensor_parallel_size: int = 1
+    """GPU only: GPUs per engine. The actor reserves that many GPUs and vLLM starts one worker
+    process per GPU (multiprocessing executor, inside the actor's GPU allocation)."""
+
+    enforce_eager: Optional[bool] = None
+    """None = True on CPU (no graph capture there) and False on GPU, where CUDA graphs speed up
+    decoding several-fold. Weight reloads keep the graphs valid: parameters are updated in place."""
+
+    enable_prefix_caching: bool = True
+    """Reuse the KV cache of shared prompt prefixes (K samples of one question share the whole
+    prompt). After every weight load the cache is reset, or cached prefixes keep the old
+    weights' keys and values (DESIGN §6); the weight-sync probe checks exactly that."""
+
+    max_num_seqs: Optional[int] = None
+    """Sequences decoded together per engine step; None = vLLM's default for the platform."""
+
+    seed: int = 0
+    """vLLM's engine seed. Requests may carry their own seed (``SampleRequest.seed``), which makes
+    a re-issued request (after an actor died) sample the same tokens again."""
+
+    num_actors: int = 1
+    """Rollout actors (engines) in the fleet, named rollout-0, rollout-1, ... in namespace reft."""
+
+    num_cpus_per_actor: float = 0.5
+    """Ray CPUs reserved per actor: a scheduling share only (vLLM's CPU backend uses the node's
+    cores whatever Ray reserves). Fractional because two num_cpus=1 actors fill a 2-CPU node and
+    the next actor waits forever without an error (DESIGN §6)."""
+
+    num_gpus_per_actor: Optional[float] = None
+    """None = ``tensor_parallel_size`` when the Ray cluster has GPUs, else 0. A fraction (e.g.
+    0.5) lets the engine share a GPU with the learner (local-gpu mode; lower
+    ``gpu_memory_utilization`` to match)."""
+
+    sync: str = "shm"
+    """How new weights reach the engines (``actors.weight_sync``):
+    "shm": safetensors in /dev/shm, loaded from there: what works on CPU, single node only.
+    "object_store": the safetensors bytes through Ray's object store, written to each sampler
+    node's /dev/shm: multi-node without shared memory.
+    "nccl": broadcast from the learner to the engines' GPU workers (GPU clusters).
+    "gloo": the same broadcast over gloo (CPU, or GPUs without NCCL between the two sides)."""
+
+    sync_dir: str = "/dev/shm/reft-weights"
+    """Where the shm and object-store transports write versioned weight directories. /dev/shm is
+    RAM: loading from it costs no disk I/O. Old versions are removed as new ones arrive."""
+
+    verify: str = "both"
+    """How each sampler proves it holds the learner's weights after a sync (a mismatch raises
+    ``WeightSyncError`` naming the sampler and version):
+    "checksum": exact integer checksums of every tensor the sampler fed to vLLM's loader, against
+    the learner's (catches any changed, missing or extra tensor; transport integrity).
+    "probe": greedy tokens + logprobs of a fixed prompt from the engine, against HF run on the
+    published state dict (catches a load that did not take effect, a stale prefix cache, a wrong
+    name mapping). Costs one HF greedy decode of ``probe_tokens`` tokens per sync on the learner
+    side: cheap for small models; use "checksum" for 7B-class models on CPU publishers.
+    "both" (default): both. "off": neither (benchmarks only)."""
+
+    probe_tokens: int = 8
+    """Greedy tokens the probe generates."""
+
+    probe_prompt_len: int = 160
+    """Tokens in the probe prompt: longer than one KV-cache block on both backends (vLLM's default
+    block is 16 tokens on GPU and 128 on CPU). Only full blocks enter the prefix cache, so a probe
+    longer than a block is served from the cache at the next version unless the cache was reset:
+    the probe then sees the old weights' keys/values and fails."""
+
+    probe_atol: float = 1e-3
+    """Largest |vLLM - HF| logprob difference the probe accepts. fp32 on CPU agrees to ~1e-5;
+    raise it to ~0.1 for bfloat16, where vLLM's kernels and HF's round differently."""
+
+    start_timeout_s: float = 600.0
+    """How long the fleet waits for an engine to start (vLLM start on CPU: 30-50 s; a 7B model on
+    GPU: minutes, mostly loading weights and capturing CUDA graphs)."""
+
+    call_timeout_s: float = 60.0
+    """Deadline of every ordinary remote call (submit, poll, version, health) beyond its own
+    wait. A rollout actor that does not answer within it is treated as dead and replaced."""
+
+    sync_timeout_s: float = 300.0
+    """Deadline of one weight sync on the sampler side (drain in-flight requests, transfer, load,
+    verify) and of the learner side's transfer. Generous: a sync drains running requests first."""
+
+    max_actor_restarts: int = 3
+    """How many times the fleet replaces a dead actor in one slot before giving up (raising),
+    so that a crash loop (e.g. out of memory at every start) stops the run loudly."""
+
+    def __post_init__(self):
+        def check(ok: bool, field: str, why: str):
+            if not ok:
+                raise ValueError(f"rollout.{field} = {getattr(self, field)!r}: {why}")
+
+        check(bool(self.model), "model", "must name a model directory or hub id")
+        check(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}")
+        check(self.max_model_len >= 16, "max_model_len", "must be >= 16")
+        check(isinstance(self.kv_cache_gib, int) and self.kv_cache_gib >= 1, "kv_cache_gib",
+              "must be an integer >= 1 (vLLM reads VLLM_CPU_KVCACHE_SPACE as whole GiB)")
+        check(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization", "must be in (0, 1]")
+        check(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1")
+        check(self.max_num_seqs is None or self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1 or None")
+        check(self.num_actors >= 1, "num_actors", "must be >= 1")
+        check(self.num_cpus_per_actor >= 0, "num_cpus_per_actor", "must be >= 0")
+        check(self.num_gpus_per_actor is None or self.num_gpus_per_actor >= 0, "num_gpus_per_actor",
+              "must be >= 0 or None")
+        check(self.sync in SYNC_TRANSPORTS, "sync", f"must be one of {SYNC_TRANSPORTS}")
+        check(bool(self.sync_dir), "sync_dir", "must be a directory path")
+        check(self.verify in VERIFY_MODES, "verify", f"must be one of {VERIFY_MODES}")
+        check(self.probe_tokens >= 1, "probe_tokens", "must be >= 1")
+        check(2 <= self.probe_prompt_len < self.max_model_len - self.probe_tokens, "probe_prompt_len",
+              f"must be >= 2 and leave room for probe_tokens within max_model_len ({self.max_model_len})")
+        check(self.probe_atol > 0, "probe_atol", "must be > 0")
+        for field in ("start_timeout_s", "call_timeout_s", "sync_timeout_s"):
+            check(getattr(self, field) > 0, field, "must be > 0 seconds")
+        check(self.max_actor_restarts >= 0, "max_actor_restarts", "must be >= 0")
+
+    def resolved_dtype(self, on_gpu: bool) -> str:
+        """The dtype the engine runs in on this device ("auto" resolved)."""
+        if self.dtype != "auto":
+            return self.dtype
+        return "bfloat16" if on_gpu else "float32"
+
+    def resolved_enforce_eager(self, on_gpu: bool) -> bool:
+        return (not on_gpu) if self.enforce_eager is None else self.enforce_eager
+
+    @property
+    def checks_checksums(self) -> bool:
+        return self.verify in ("both", "checksum")
+
+    @property
+    def checks_probe(self) -> bool:
+        return self.verify in ("both", "probe")
