@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 from cluster.config_io import ConfigError
+from actors.config import RolloutConfig
 from experiments.synthetic import SyntheticConfig
 from experiments.tiny_model import TinyModelConfig
 from learner.config import LR_SCHEDULES, LearnerConfig
@@ -77,6 +78,72 @@ class SFTConfig:
             raise ValueError(f"sft.lr must be > 0, got {self.lr}")
 
 
+# Algorithm name -> advantage estimator (``learner.algos``). ReFT is PPO with the value head.
+ALGORITHMS = {"reft": "gae", "grpo": "grpo", "rloo": "rloo"}
+PAPER_KL_COEF = {"ncot": 0.05, "pcot": 0.01}
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+    algorithm: str = "reft"
+    """reft: PPO with the value head on the policy and GAE (the paper). grpo / rloo: critic-free
+    baselines over the samples of one question (set samples_per_question >= 2)."""
+    epochs: int = 1
+    """Passes over the training questions (the paper runs up to 300 for its 7B models)."""
+    questions_per_step: int = 32
+    """Questions sampled per RL step; the step's batch is questions x samples_per_question."""
+    samples_per_question: int = 1
+    """CoTs sampled per question per step: 1 as the paper's ReFT; K >= 2 for grpo / rloo."""
+    temperature: float = 1.0
+    """Sampling temperature (paper: 1.0). The learner scores tokens under the same temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling; 1.0 = plain sampling, the paper's."""
+    max_new_tokens: int = 300
+    """Longest sampled CoT. The paper caps prompt + answer at 700 tokens."""
+    kl_coef: Optional[float] = None
+    """beta of the per-token KL penalty to the warm-up model; None = the paper's value for the CoT
+    kind (0.05 N-CoT, 0.01 P-CoT). 0 collapses training (the paper's ablation)."""
+    gamma: float = 1.0
+    """GAE discount; 1.0 as the paper's code (its text writes 0.95 and swaps it with lambda)."""
+    lam: float = 0.95
+    """GAE lambda; 0.95 as the paper's code."""
+    whiten_advantages: bool = True
+    """Whiten GAE advantages over the batch, as the paper's code."""
+    max_staleness: int = 0
+    """How many policy versions a batch may lag the learner: 0 = strictly on-policy (the paper);
+    1 = sample batch t+1 while the learner trains on batch t."""
+    eval_every: int = 10
+    """Greedy evaluation on the test split every N steps (and at the end)."""
+    checkpoint_every: int = 10
+    """Learner checkpoint (for --resume) every N steps (and at the end)."""
+    warmup_checkpoint: Optional[str] = None
+    """Start RL from this SFT checkpoint (HF directory); None = run the SFT warm-up first."""
+
+    def __post_init__(self):
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"rl.algorithm must be one of {sorted(ALGORITHMS)}, got {self.algorithm!r}")
+        for key in ("epochs", "questions_per_step", "samples_per_question", "max_new_tokens", "eval_every",
+                    "checkpoint_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"rl.{key} must be >= 1, got {getattr(self, key)}")
+        if self.algorithm in ("grpo", "rloo") and self.samples_per_question < 2:
+            raise ValueError(f"rl.samples_per_question must be >= 2 for rl.algorithm={self.algorithm} "
+                             f"(the baseline is the other samples of the question), got {self.samples_per_question}")
+        if self.kl_coef is not None and self.kl_coef < 0:
+            raise ValueError(f"rl.kl_coef must be >= 0, got {self.kl_coef}")
+        if self.max_staleness not in (0, 1):
+            raise ValueError(f"rl.max_staleness must be 0 or 1, got {self.max_staleness}")
+        if not (self.temperature > 0 and 0 < self.top_p <= 1):
+            raise ValueError(f"rl.temperature must be > 0 and rl.top_p in (0, 1], got {self.temperature}, {self.top_p}")
+
+    @property
+    def estimator(self) -> str:
+        return ALGORITHMS[self.algorithm]
+
+    def kl_coef_for(self, cot_kind: str) -> float:
+        return PAPER_KL_COEF[cot_kind] if self.kl_coef is None else self.kl_coef
+
+
 @dataclasses.dataclass(frozen=True)
 class ClusterConfig:
     mode: str = "cpu"
@@ -115,6 +182,9 @@ class RunConfig:
     """Architecture of the model built from scratch when learner.model = "tiny"."""
     learner: LearnerConfig = LearnerConfig(model=TINY)
     sft: SFTConfig = SFTConfig()
+    rl: RLConfig = RLConfig()
+    rollout: RolloutConfig = RolloutConfig(model=TINY)
+    """The vLLM samplers; rollout.model is set to the warm-up checkpoint by the driver."""
     reward: RewardConfig = RewardConfig()
     cluster: ClusterConfig = ClusterConfig()
 
@@ -127,7 +197,10 @@ class RunConfig:
         if self.learner.model == TINY and self.data.dataset != "synthetic":
             raise ConfigError("learner.model = tiny builds its vocabulary from the synthetic task; "
                              f"data.dataset = {self.data.dataset!r} needs a real model (learner.model = HF id or path)")
-        try:
-            self.learner.validate(self.cluster.num_learners, self.sft.batch_size)
-        except ValueError as e:
-            raise ConfigError(f"{e} (sft.batch_size, cluster.num_learners)") from None
+        rl_batch = self.rl.questions_per_step * self.rl.samples_per_question
+        for what, batch in (("sft.batch_size", self.sft.batch_size),
+                            ("rl.questions_per_step x rl.samples_per_question", rl_batch)):
+            try:
+                self.learner.validate(self.cluster.num_learners, batch)
+            except ValueError as e:
+                raise ConfigError(f"{e} ({what}, cluster.num_learners)") from None

@@ -47,3 +47,22 @@ def test_cli_reports_config_errors_without_traceback(capsys):
     assert main(["sft", "learner.zero_stage=7"]) == 2
     err = capsys.readouterr().err
     assert "learner.zero_stage must be 0..3, got 7" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["rl.algorithm=ppo2"], r"rl\.algorithm must be one of \['grpo', 'reft', 'rloo'\]"),
+    (["rl.algorithm=grpo"], r"rl\.samples_per_question must be >= 2 for rl\.algorithm=grpo"),
+    (["rl.temperature=0"], r"rl\.temperature must be > 0"),
+    (["rl.top_p=1.5"], r"rl\.top_p in \(0, 1\]"),
+    (["rl.max_staleness=2"], r"rl\.max_staleness must be 0 or 1"),
+    (["rollout.kv_cache_gib=0"], r"rollout\.kv_cache_gib"),
+])
+def test_rl_and_rollout_keys_are_checked(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(RunConfig, DEFAULT_CONFIG, overrides)
+
+
+def test_paper_kl_coefficients_by_cot_kind():
+    cfg = load_config(RunConfig, DEFAULT_CONFIG)
+    assert (cfg.rl.kl_coef_for("ncot"), cfg.rl.kl_coef_for("pcot")) == (0.05, 0.01)
+    assert load_config(RunConfig, DEFAULT_CONFIG, ["rl.kl_coef=0.2"]).rl.kl_coef_for("pcot") == 0.2
