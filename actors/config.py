@@ -53,6 +53,12 @@ class RolloutConfig:
     prompt). After every weight load the cache is reset, or cached prefixes keep the old
     weights' keys and values (DESIGN §6); the weight-sync probe checks exactly that."""
 
+    enable_chunked_prefill: Optional[bool] = None
+    """None = False on CPU, True on GPU. vLLM 0.32's CPU backend crashes the engine ("CPU
+    Generator does not use offset", in ``_bookkeeping_sync``) when a request with its own seed
+    has its prefill split over two steps, which chunked prefill does as soon as a step's token
+    budget fills up (a few dozen prompts at once). Without chunking, whole prompts only."""
+
     max_num_seqs: Optional[int] = None
     """Sequences decoded together per engine step; None = vLLM's default for the platform."""
 
@@ -161,6 +167,9 @@ class RolloutConfig:
 
     def resolved_enforce_eager(self, on_gpu: bool) -> bool:
         return (not on_gpu) if self.enforce_eager is None else self.enforce_eager
+
+    def resolved_chunked_prefill(self, on_gpu: bool) -> bool:
+        return on_gpu if self.enable_chunked_prefill is None else self.enable_chunked_prefill
 
     @property
     def checks_checksums(self) -> bool:

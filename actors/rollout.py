@@ -40,6 +40,7 @@ import collections
 import dataclasses
 import logging
 import os
+import shutil
 import threading
 import time
 import uuid
@@ -49,7 +50,8 @@ from typing import Optional, Sequence, Union
 import torch
 
 from actors.config import RolloutConfig
-from actors.weight_sync import WEIGHTS_FILE, NcclBroadcastSync, WeightHandle, WeightSync, WeightSyncError, make_weight_sync
+from actors.weight_sync import (WEIGHTS_FILE, NcclBroadcastSync, RayObjectStoreSync, WeightHandle, WeightSync,
+                                WeightSyncError, make_weight_sync)
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +69,7 @@ class SampleRequest:
     max_tokens: int = 300
     stop: tuple[str, ...] = ()            # stop strings; kept in the text (text == decode(ids))
     seed: Optional[int] = None            # per-request seed: a re-issued request samples the same tokens
+    ignore_eos: bool = False              # decode max_tokens whatever comes (benchmarks, tests)
 
     def __post_init__(self):
         if not isinstance(self.prompt, str):
@@ -126,6 +129,7 @@ class _VllmEngine:
             max_model_len=cfg.max_model_len,
             enforce_eager=cfg.resolved_enforce_eager(on_gpu),
             enable_prefix_caching=cfg.enable_prefix_caching,
+            enable_chunked_prefill=cfg.resolved_chunked_prefill(on_gpu),
             seed=cfg.seed,
             # Logprobs of the distribution each token was drawn from (after temperature/top-p),
             # not of the raw logits: what the learner's ratio is about.
@@ -147,14 +151,15 @@ class _VllmEngine:
     def errored(self) -> bool:
         return self.llm.errored
 
-    async def generate(self, request: SampleRequest, engine_request_id: str) -> tuple[tuple[int, ...], list[_Completion]]:
+    async def generate(self, request: SampleRequest,
+                       engine_request_id: str) -> tuple[tuple[int, ...], list[_Completion]]:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
         params = SamplingParams(
             n=request.n, temperature=request.temperature, top_p=request.top_p, max_tokens=request.max_tokens,
             stop=list(request.stop) or None, include_stop_str_in_output=True, seed=request.seed,
-            logprobs=0,   # 0 = only the sampled token's logprob
+            ignore_eos=request.ignore_eos, logprobs=0,   # 0 = only the sampled token's logprob
             output_kind=RequestOutputKind.FINAL_ONLY)
         prompt = request.prompt if isinstance(request.prompt, str) else {"prompt_token_ids": list(request.prompt)}
         final = None
@@ -187,6 +192,8 @@ class _VllmEngine:
         # vLLM's in-place reload (layerwise: re-runs the CPU backend's repacking) from the
         # directory's safetensors; the caller resets the prefix cache.
         await self.llm.collective_rpc("reload_weights", timeout=timeout_s, kwargs={"weights_path": path})
+        # vLLM leaves a tied LM head's CPU-packed copy stale after a reload: rebuild it.
+        await self.llm.collective_rpc("reft_refresh_tied_lm_head", timeout=timeout_s)
 
     async def call_workers(self, method: str, kwargs: dict, timeout_s: float) -> list:
         return await self.llm.collective_rpc(method, timeout=timeout_s, kwargs=kwargs)
@@ -228,8 +235,7 @@ class _HFEngine:
         return tuple(prompt), [self._sample(prompt, request, generator) for _ in range(request.n)]
 
     @torch.no_grad()
-    def _sample(self, prompt: list[int], request: SampleRequest, generator: torch.Generator,
-                ignore_eos: bool = False) -> _Completion:
+    def _sample(self, prompt: list[int], request: SampleRequest, generator: torch.Generator) -> _Completion:
         ids, logprobs, finish = [], [], "length"
         with self._lock:
             out = self.model(input_ids=torch.tensor([prompt]), use_cache=True)
@@ -245,7 +251,7 @@ class _HFEngine:
                     logprob = float(lp[token])
                 ids.append(token)
                 logprobs.append(logprob)
-                if token == self.eos and not ignore_eos:
+                if token == self.eos and not request.ignore_eos:
                     finish = "stop"
                     break
                 text = self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -257,8 +263,9 @@ class _HFEngine:
         return _Completion(tuple(ids), self.tokenizer.decode(ids, skip_special_tokens=True), tuple(logprobs), finish)
 
     async def greedy(self, prompt_token_ids, max_tokens):
-        request = SampleRequest("probe", tuple(prompt_token_ids), temperature=0.0, max_tokens=max_tokens)
-        c = await asyncio.to_thread(self._sample, list(prompt_token_ids), request, torch.Generator(), True)
+        request = SampleRequest("probe", tuple(prompt_token_ids), temperature=0.0, max_tokens=max_tokens,
+                                ignore_eos=True)
+        c = await asyncio.to_thread(self._sample, list(prompt_token_ids), request, torch.Generator())
         return list(c.token_ids), list(c.logprobs)
 
     async def load_from_dir(self, path: str, timeout_s: float) -> None:
@@ -317,7 +324,11 @@ class RolloutWorker:
         self._stats = collections.Counter()
 
     async def start(self) -> dict:
-        """Start the engine (vLLM: 30-50 s on CPU); returns ``health()``."""
+        """Start the engine (vLLM: 20-50 s on CPU); returns ``health()``. vLLM's engine
+        construction is synchronous, so the actor answers nothing else meanwhile (the fleet
+        sends it nothing but this call until it returns)."""
+        # Files a killed predecessor of this name received and could not remove.
+        shutil.rmtree(RayObjectStoreSync.receive_dir(self.cfg, self.name), ignore_errors=True)
         on_gpu = torch.cuda.is_available()
         if not on_gpu:
             # vLLM reads it when the engine starts; the engine's processes inherit it.
@@ -386,8 +397,10 @@ class RolloutWorker:
         self._in_flight += 1             # no await between the check and this line: atomic
         version = self._version
         try:
-            prompt_ids, completions = await self.engine.generate(request, f"{request.request_id}-{uuid.uuid4().hex[:8]}")
-        except Exception as e:
+            # A unique engine-side id: a re-issued request may reach an engine that saw its id.
+            engine_id = f"{request.request_id}-{uuid.uuid4().hex[:8]}"
+            prompt_ids, completions = await self.engine.generate(request, engine_id)
+        except Exception as e:  # noqa: BLE001 -- a bad request is answered (with an error), never lost
             if self.engine.errored:
                 # The engine is gone: this actor is useless. Exit so that the fleet replaces it
                 # and re-issues its requests, rather than answering everything with errors.

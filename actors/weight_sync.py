@@ -17,7 +17,9 @@ Transports (``RolloutConfig.sync``):
    ``collective_rpc("reload_weights", weights_path=dir)``. This is what works on vLLM's CPU
    backend (in-place ``load_weights`` fails there: weights are repacked after loading, DESIGN §6).
    Single node only. The previous version's directory is kept (a lagging receiver may still read
-   it), older ones are removed.
+   it), older ones are removed, and the publisher's directory goes when it is closed or its
+   process exits; a process killed with SIGKILL leaves it behind (``rm -r /dev/shm/reft-weights``
+   frees that memory).
 2. ``RayObjectStoreSync`` ("object_store"): the same safetensors bytes, ``ray.put`` once; each
    sampler ``ray.get``s them (Ray moves them between nodes), writes them to its own node's
    /dev/shm and loads as in 1. For multi-node clusters without shared memory.
@@ -38,7 +40,11 @@ Transports (``RolloutConfig.sync``):
    in a thread that is abandoned after ``sync_timeout_s`` (a stuck NCCL stream cannot be
    cancelled; restart the process). With "nccl" the sender needs a GPU and vLLM importable (it
    uses vLLM's ``StatelessProcessGroup`` + ``PyNcclCommunicator``); nothing of it is imported
-   until a group is opened, so CPU machines import this module freely.
+   until a group is opened, so CPU machines import this module freely. Where the sender runs:
+   "gloo" works from the driver (tested on CPU). "nccl" needs the sender in a GPU process, i.e.
+   learner rank 0 holding this object and the fleet calling its ``attach``/``transmit`` there;
+   that hosting is not wired into ``learner.worker`` yet, so "nccl" runs today only where the
+   publishing process owns a GPU.
 
 Verification (``RolloutConfig.verify``). The learner side puts its expectations in the handle;
 the sampler checks whatever the handle carries and raises ``WeightSyncError`` naming itself and
@@ -46,16 +52,19 @@ the version on any mismatch:
 
 * checksums: per tensor, exact integer sums of its bytes (16-bit words, plain and position-
   weighted; ``tensor_checksum``), over what the sampler fed to vLLM's loader: the file it
-  read, the bytes it got, the buffers it received. Exact on CPU and GPU (integer sums do not
-  depend on reduction order), so any changed element, missing or extra tensor is caught. vLLM's
+  read, the bytes it got, the buffers it received. Exact on CPU and GPU (the sums are exact
+  integers, whatever the reduction order), so a missing or extra tensor and any one changed
+  element are always caught (several changes escape only if they cancel in both sums). vLLM's
   own parameters cannot be read back for this: they are fused (qkv, gate_up) and, on CPU,
   repacked into kernel formats with the original tensors removed.
 * probe: after loading, the engine greedily decodes ``probe_tokens`` tokens of a fixed
   ``probe_prompt_len``-token prompt; tokens and logprobs must match HF run on the published state
   dict (``hf_probe``). This proves the load took effect end to end: a reload that silently
-  skipped tensors, a wrong name mapping, or a stale prefix cache (the probe prompt is longer
-  than a KV block, so from the second version on it is served from the prefix cache unless the
-  cache was reset) all change the engine's logprobs.
+  skipped tensors (it found vLLM's stale tied LM head on CPU,
+  ``VllmWorkerExtension.reft_refresh_tied_lm_head``), a wrong name mapping, or a stale prefix
+  cache all change the engine's logprobs. For the last one the prompt is longer than a KV block
+  and is served once under the old weights just before loading, so its blocks are in the
+  prefix cache: unless the reset worked, the probe reads the old weights' keys and values.
 
 Where the checksums show corruption before anything was loaded (the pull transports check the
 file or bytes first), the engine keeps its old weights and the error says so
@@ -87,8 +96,8 @@ from actors.config import RolloutConfig
 logger = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "model.safetensors"
-_CHECKSUM_CHUNK = 1 << 24   # 16-bit words per reduction: sums stay far below 2**63 (module docstring)
-_POSITION_MODULUS = 65521   # largest prime below 2**16: position weights 1..65521
+_POSITION_MODULUS = 32749             # largest prime below 2**15: position weights 1..32749
+_CHECKSUM_CHUNK = _POSITION_MODULUS * 64    # ~2.1 M words per reduction: exact in float64 (tensor_checksum)
 
 
 class WeightSyncError(RuntimeError):
@@ -162,24 +171,35 @@ def tensor_checksum(tensor: Tensor) -> tuple[int, int]:
     """(sum, position-weighted sum) of a tensor's bytes read as unsigned 16-bit words (bytes for
     1-byte dtypes), exact Python ints.
 
-    Integer sums do not depend on the order of reduction, so the learner (CPU) and a sampler
-    (CPU, or the GPU buffers a broadcast filled) get the same numbers for the same bytes. Each
-    word is < 2**16 and each weight <= 65521, so a chunk of 2**24 words sums to < 2**56: no
-    overflow in int64. Changing any one element changes the plain sum; the weighted sum also
-    catches moved elements (a transposed or permuted tensor).
+    Exact, and so independent of the order of reduction: the learner (CPU) and a sampler (CPU,
+    or the GPU buffers a broadcast filled) get the same numbers for the same bytes. Changing any
+    one element changes the plain sum; the weighted sum also catches moved elements (a
+    transposed or permuted tensor). Word i is weighted by (i mod P) + 1, P = 32749 (a prime
+    < 2**15). The sums run in float64 (BLAS dot: ~6x faster than integer ops in torch): every
+    product is an integer < 2**31 and a chunk of 64 P ~ 2**21 words sums to < 2**52, so every
+    partial sum is an integer float64 represents exactly, whatever the order. The chunk is a
+    multiple of P, so one weight vector serves every chunk.
     """
     flat = tensor.detach().contiguous().reshape(-1)
     if flat.dtype == torch.bool:
         flat = flat.to(torch.uint8)
     words = flat.view(torch.uint8) if flat.element_size() == 1 else flat.view(torch.int16)
-    mask = 0xFF if flat.element_size() == 1 else 0xFFFF
+    weights = _position_weights(words.device)
     total, weighted = 0, 0
     for start in range(0, words.numel(), _CHECKSUM_CHUNK):
-        x = words[start:start + _CHECKSUM_CHUNK].to(torch.int64) & mask
-        w = torch.arange(start, start + x.numel(), dtype=torch.int64, device=x.device) % _POSITION_MODULUS + 1
+        x = (words[start:start + _CHECKSUM_CHUNK].to(torch.int32) & 0xFFFF).to(torch.float64)   # unsigned words
         total += int(x.sum())
-        weighted += int((x * w).sum())
+        weighted += int(torch.dot(x, weights[:x.numel()]))
     return total, weighted
+
+
+_WEIGHTS: dict[torch.device, Tensor] = {}
+
+
+def _position_weights(device: torch.device) -> Tensor:
+    if device not in _WEIGHTS:
+        _WEIGHTS[device] = torch.arange(_CHECKSUM_CHUNK, dtype=torch.float64, device=device) % _POSITION_MODULUS + 1
+    return _WEIGHTS[device]
 
 
 def compare_checksums(expected: dict[str, tuple[int, int]], got: dict[str, tuple[int, int]]) -> Optional[str]:
@@ -368,6 +388,10 @@ class WeightSync(abc.ABC):
             raise WeightSyncError(f"{who}: a {handle.transport!r} handle given to the {self.transport!r} "
                                   "receiver", weights_changed=False)
         start = time.perf_counter()
+        if handle.probe is not None:
+            # Serve the probe prompt under the OLD weights first: its full blocks enter the prefix
+            # cache, so a load without a working cache reset fails the probe below, every time.
+            await engine.greedy(handle.probe.prompt_token_ids, 1)
         await self._load(handle, engine, who)
         await engine.reset_prefix_cache()   # REQUIRED: cached prefixes hold the old weights' K/V
         loaded = time.perf_counter()
@@ -481,6 +505,13 @@ class RayObjectStoreSync(WeightSync):
         self._local: Optional[Path] = None   # sampler side: where received versions are written
         self._finalizer = None
 
+    @staticmethod
+    def receive_dir(cfg: RolloutConfig, who: str) -> Path:
+        """Where sampler ``who`` writes what it receives: one directory per actor NAME, so that
+        a replacement (``RolloutWorker.start`` empties it) reclaims what a killed predecessor,
+        which had no chance to clean up, left in /dev/shm."""
+        return Path(cfg.sync_dir) / f"received-{who}"
+
     def _put(self, tensors, version):
         import ray
         from safetensors.torch import save
@@ -501,7 +532,8 @@ class RayObjectStoreSync(WeightSync):
             got = await asyncio.to_thread(lambda: {n: tensor_checksum(t) for n, t in load(blob).items()})
             self._check_checksums(handle, got, who, weights_changed=False)
         if self._local is None:
-            self._local = _unique_dir(self.cfg.sync_dir, f"received-{who}")
+            self._local = self.receive_dir(self.cfg, who)
+            shutil.rmtree(self._local, ignore_errors=True)
             self._finalizer = weakref.finalize(self, shutil.rmtree, str(self._local), True)
         directory = await asyncio.to_thread(_write_safetensors_dir, self._local, handle.version,
                                             lambda p: p.write_bytes(blob), 1)
@@ -564,7 +596,7 @@ class _Group:
 
     def broadcast(self, tensor: Tensor) -> None:
         if self.backend == "gloo":
-            self.pg.broadcast([tensor], 0).wait()
+            self.pg.broadcast(tensor, 0).wait()
         else:
             self.comm.broadcast(tensor, src=0, stream=torch.cuda.current_stream())
 
@@ -578,6 +610,17 @@ class _Group:
             if callable(destroy):
                 destroy()
         self.pg = self.comm = self.store = None
+
+
+def _send_all(group: _Group, tensors: list[tuple[str, Tensor]], device: torch.device,
+              errors: list[BaseException]) -> None:
+    """Broadcast every tensor from rank 0 (a thread's body: errors are handed back in ``errors``)."""
+    try:
+        for _name, tensor in tensors:
+            group.broadcast(tensor.detach().to(device).contiguous())
+        group.finish()
+    except BaseException as e:  # noqa: BLE001 -- reported by the caller, which raises
+        errors.append(e)
 
 
 class NcclBroadcastSync(WeightSync):
@@ -631,7 +674,6 @@ class NcclBroadcastSync(WeightSync):
 
     def _put(self, tensors, version):
         self._tensors = {version: tensors}   # replaces the previous version's reference
-        return None
 
     def transmit(self, handle, receivers, timeout_s):
         """Broadcast every tensor of ``handle`` to each receiver's group in turn. Raises
@@ -647,24 +689,16 @@ class NcclBroadcastSync(WeightSync):
             if group is None:
                 raise WeightSyncError(f"{receiver}: not attached to the {self.backend} weight sync",
                                       weights_changed=False)
-            error: list[BaseException] = []
-
-            def send():
-                try:
-                    for _name, tensor in tensors:
-                        group.broadcast(tensor.detach().to(device).contiguous())
-                    group.finish()
-                except BaseException as e:   # reported to the caller below
-                    error.append(e)
-
+            errors: list[BaseException] = []
             # A thread, so that a transfer that never completes (NCCL cannot time out) is
             # abandoned after timeout_s instead of hanging the learner side.
-            thread = threading.Thread(target=send, name=f"weight-sync-{receiver}", daemon=True)
+            thread = threading.Thread(target=_send_all, args=(group, tensors, device, errors),
+                                      name=f"weight-sync-{receiver}", daemon=True)
             thread.start()
             thread.join(timeout_s)
-            if thread.is_alive() or error:
+            if thread.is_alive() or errors:
                 self._groups.pop(receiver, None)   # unusable now; do not close a group in use
-                why = error[0] if error else f"no completion within {timeout_s:.0f} s"
+                why = errors[0] if errors else f"no completion within {timeout_s:.0f} s"
                 raise WeightSyncError(f"{receiver}: broadcast of weights version {handle.version} failed: {why}")
 
     def close(self):
@@ -734,7 +768,29 @@ class VllmWorkerExtension:
         group.finish()
         if left:
             raise RuntimeError(f"vLLM's loader did not consume {len(left)} tensors: {left[:5]}")
+        self.reft_refresh_tied_lm_head()
         return sums
+
+    def reft_refresh_tied_lm_head(self) -> bool:
+        """Re-run the LM head's post-load processing when it is tied to the embedding; call it
+        after every reload. Returns whether the head is tied.
+
+        Why: a tied head receives no tensor of its own, so vLLM's layerwise reload leaves it
+        alone ("ParallelLMHead: Failed to load weights"). Its parameter IS the embedding's and
+        holds the new values, but on CPU the head computes with a packed copy made at load time
+        (``dispatch_cpu_unquantized_gemm(remove_weight=False)``), which stays stale: logits from
+        the old embedding, hidden states from the new layers. Found by the weight-sync probe;
+        re-processing rebuilds the packed copy. On GPU the head reads the parameter directly and
+        this is a no-op.
+        """
+        model = self.model_runner.get_model()
+        lm_head = getattr(model, "lm_head", None)
+        embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+        weight = getattr(lm_head, "weight", None)
+        if weight is None or embed is None or weight is not getattr(embed, "weight", None):
+            return False
+        lm_head.quant_method.process_weights_after_loading(lm_head)
+        return True
 
     def reft_leave_group(self) -> None:
         group = getattr(self, "_reft_group", None)

@@ -3,6 +3,7 @@
     reft reward --kind ncot|pcot --gold ANSWER [--dataset NAME] < completion.txt
     reft audit-rewards --dataset NAME|all [--split train|test] [--kind ncot|pcot] [--path FILE]
     reft sft [--config FILE] [key.sub=value ...]
+    reft train [--config FILE] [--resume RUN_DIR] [--dry-run] [key.sub=value ...]
 
 Each subcommand is one function ``cmd_<name>(args) -> int``; heavy imports happen inside it so
 that ``reft --help`` stays instant.
@@ -96,6 +97,31 @@ def cmd_sft(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    import yaml
+
+    from cluster.config import RunConfig
+    from cluster.config_io import load_config, to_dict
+    from cluster.placement import plan_placement
+
+    if args.resume:
+        saved = args.resume / "config.yaml"
+        if not saved.is_file():
+            raise FileNotFoundError(f"--resume {args.resume}: no config.yaml (not a run directory)")
+        cfg = load_config(RunConfig, saved, args.overrides)
+    else:
+        cfg = load_config(RunConfig, args.config or DEFAULT_CONFIG, args.overrides)
+    cfg.validate()
+    if args.dry_run:
+        print(plan_placement(cfg).describe())
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        return 0
+    from cluster.train import run_train
+    headline = run_train(cfg, resume=bool(args.resume))
+    print(json.dumps(headline))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reft", description="ReFT: reinforced fine-tuning for math reasoning, on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -125,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, default=None, help="YAML run config (default: experiments/configs/tiny.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sft.epochs=3 learner.zero_stage=3")
     p.set_defaults(func=cmd_sft)
+
+    p = sub.add_parser("train", help="the ReFT pipeline: SFT warm-up, RL on Ray (vLLM samplers, DeepSpeed learner), evaluation")
+    p.add_argument("--config", type=Path, default=None, help="YAML run config (default: experiments/configs/tiny.yaml)")
+    p.add_argument("--resume", type=Path, default=None, help="continue the run in this directory from its last checkpoint")
+    p.add_argument("--dry-run", action="store_true", help="print the placement plan and the resolved config; start nothing")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rl.questions_per_step=16 rollout.num_actors=2")
+    p.set_defaults(func=cmd_train)
     return parser
 
 

@@ -118,6 +118,9 @@ class RLConfig:
     """Learner checkpoint (for --resume) every N steps (and at the end)."""
     warmup_checkpoint: Optional[str] = None
     """Start RL from this SFT checkpoint (HF directory); None = run the SFT warm-up first."""
+    compare_sft: bool = False
+    """After RL, continue SFT from the same warm-up for the same wall time and report both (the
+    embedded default's "warm-up vs SFT-continued vs ReFT" table)."""
 
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:

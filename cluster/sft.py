@@ -55,7 +55,12 @@ def evaluate_checkpoint(path: Path, examples: list[Example], scorer: Scorer, max
     return greedy_accuracy(lambda prompts: hf_greedy(model, tokenizer, prompts, max_new_tokens), examples, scorer)
 
 
-def run_sft(cfg: RunConfig, group: Optional[ActorGroup] = None) -> SFTResult:
+def run_sft(cfg: RunConfig, group: Optional[ActorGroup] = None, phase: str = "sft",
+            max_seconds: Optional[float] = None) -> SFTResult:
+    """SFT from ``cfg.learner.model``. Checkpoints and metrics go to ``<run_dir>/<phase>/``.
+    ``max_seconds`` stops training after that much training time (checked after each step; the
+    epoch in progress is checkpointed and evaluated): the "SFT continued for the same wall time as
+    RL" baseline."""
     cfg.validate()
     run_dir = make_run_dir(cfg)
     cfg = prepare_model(cfg, run_dir)
@@ -80,11 +85,11 @@ def run_sft(cfg: RunConfig, group: Optional[ActorGroup] = None) -> SFTResult:
     init_ray(cfg)
     own_group = group is None
     group = group or start_learners(cfg, learner_cfg)
-    metrics = MetricsLogger(run_dir / "sft", ray_keys=("sft/loss", "eval/test_accuracy"))
+    metrics = MetricsLogger(run_dir / phase, ray_keys=("sft/loss", "eval/test_accuracy"))
     scorer = Scorer(cfg.reward)
     result = SFTResult([], [])
     rng = random.Random(cfg.seed)
-    step = 0
+    step, trained_s, out_of_time = 0, 0.0, False
     try:
         for epoch in range(1, cfg.sft.epochs + 1):
             # 3. one epoch over the shuffled training set
@@ -101,15 +106,21 @@ def run_sft(cfg: RunConfig, group: Optional[ActorGroup] = None) -> SFTResult:
                 tokens += int(batch["attention_mask"].sum())
                 bar.set_postfix(loss=f"{out['loss']:.3f}")
                 metrics.write(step, {"sft/loss": out["loss"], "sft/grad_norm": out["grad_norm"], "sft/lr": out["lr"]})
+                if max_seconds is not None and trained_s + time.perf_counter() - start >= max_seconds:
+                    out_of_time = True
+                    break
+            bar.close()
             seconds = time.perf_counter() - start
+            trained_s += seconds
 
             # 4. checkpoint (HF format) and greedy evaluation
             ckpt = save_hf_checkpoint(group.run(LearnerWorker.export_weights)[0], cfg.learner.model,
-                                      run_dir / "sft" / f"epoch-{epoch}")
+                                      run_dir / phase / f"epoch-{epoch}")
             result.checkpoints.append(ckpt)
-            record = {"epoch": epoch, "sft/epoch_loss": sum(losses) / len(losses), "sft/epoch_seconds": seconds,
-                      "perf/sft_tokens_per_s": tokens / seconds}
-            if cfg.sft.eval_every_epochs and (epoch % cfg.sft.eval_every_epochs == 0 or epoch == cfg.sft.epochs):
+            record = {"epoch": epoch, "step": step, "sft/epoch_loss": sum(losses) / len(losses),
+                      "sft/epoch_seconds": seconds, "sft/train_seconds": trained_s, "perf/sft_tokens_per_s": tokens / seconds}
+            last = epoch == cfg.sft.epochs or out_of_time
+            if cfg.sft.eval_every_epochs and (epoch % cfg.sft.eval_every_epochs == 0 or last):
                 test_eval = evaluate_checkpoint(ckpt, test, scorer, cfg.sft.eval_max_new_tokens)
                 train_eval = evaluate_checkpoint(ckpt, train[:cfg.data.train_eval_size], scorer,
                                                  cfg.sft.eval_max_new_tokens)
@@ -117,7 +128,9 @@ def run_sft(cfg: RunConfig, group: Optional[ActorGroup] = None) -> SFTResult:
                                "eval/test_answered": test_eval.answered})
             metrics.write(step, record)
             result.history.append(record)
-            logger.info("sft %s", summary_line(step, record))
+            logger.info("%s %s", phase, summary_line(step, record))
+            if out_of_time:
+                break
     finally:
         metrics.close()
         scorer.close()

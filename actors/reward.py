@@ -1,0 +1,112 @@
+"""The reward actor: scores streamed samples in batches with the rules of ``rewards/``.
+
+``RewardWorker`` is a plain class run as one Ray actor (``launch``). It owns a
+``rewards.score.Scorer``, i.e. a pool of sandbox worker processes for P-CoT programs, so the
+programs of a batch run in parallel (one per sandbox worker) while N-CoT answers are extracted
+in-process. The driver sends it batches of finished samples as they stream out of the rollout
+fleet; the actor keeps per-batch times and the count of each outcome (``stats``).
+
+It survives any program: model-written programs never run in this process (the sandbox forks
+confined children from pre-started workers; a worker that dies or hangs is replaced and only
+its program is charged). What can still fail a call is a data bug, e.g. a gold answer that is
+not a number: that raises (the caller gets the error, the actor stays up), because scoring it
+as 0 would hide a broken dataset.
+
+A P-CoT sample is the model's continuation of the P-CoT prompt, which already holds the function
+header; give its ``question`` and the header is put back before the program is cut and run
+(``rewards.score.prepare_program``). Without a question the completion must be a whole program.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from typing import Mapping, Optional, Sequence, Union
+
+from rewards.sandbox import STATUSES
+from rewards.score import RewardConfig, Score, Scorer, prepare_program
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardItem:
+    completion: str                               # the sample's text (P-CoT: after the prompt)
+    gold: str                                     # the gold final answer
+    cot_kind: str                                 # "ncot" | "pcot"
+    dataset: str                                  # decides numeric vs MCQ comparison
+    options: Optional[Mapping[str, str]] = None   # MCQ options {"a": "38", ...}
+    question: Optional[str] = None                # P-CoT: the prompt's question (module docstring)
+
+
+ItemLike = Union[RewardItem, tuple]   # a tuple in RewardItem's field order
+
+
+class RewardWorker:
+    """Scores batches of ``RewardItem`` (module docstring)."""
+
+    def __init__(self, cfg: RewardConfig = RewardConfig()):
+        self.cfg = cfg
+        self.scorer = Scorer(cfg)
+        self._status_counts = collections.Counter({status: 0 for status in STATUSES})
+        self._batch_seconds: collections.deque[float] = collections.deque(maxlen=1000)
+        self._items = 0
+        self._correct = 0
+
+    def score(self, batch: Sequence[ItemLike]) -> list[Score]:
+        """One ``Score`` per item, in order (reward 1 / partial / 0, the extracted answer, the
+        status ok | no_answer | timeout | error | killed, and why)."""
+        start = time.perf_counter()
+        items = [item if isinstance(item, RewardItem) else RewardItem(*item) for item in batch]
+        scores: list[Optional[Score]] = [None] * len(items)
+        # Scorer.score takes one CoT kind and dataset per call: group, then put back in order.
+        groups = collections.defaultdict(list)
+        for position, item in enumerate(items):
+            groups[(item.cot_kind, item.dataset)].append(position)
+        for (kind, dataset), positions in groups.items():
+            group = [items[p] for p in positions]
+            texts = [prepare_program(i.completion, question=i.question) if kind == "pcot" and i.question is not None
+                     else i.completion for i in group]
+            results = self.scorer.score(texts, [i.gold for i in group], kind, dataset, [i.options for i in group])
+            for position, result in zip(positions, results):
+                scores[position] = result
+        self._batch_seconds.append(time.perf_counter() - start)
+        self._items += len(items)
+        self._correct += sum(s.correct for s in scores)
+        self._status_counts.update(s.status for s in scores)
+        return scores
+
+    def stats(self) -> dict:
+        """Counts since start: batches, items, correct, each status; per-batch seconds (the last
+        1000 batches: last, mean, max)."""
+        seconds = list(self._batch_seconds)
+        return {
+            "batches": len(seconds),
+            "items": self._items,
+            "correct": self._correct,
+            "status_counts": dict(self._status_counts),
+            "last_batch_s": seconds[-1] if seconds else None,
+            "mean_batch_s": sum(seconds) / len(seconds) if seconds else None,
+            "max_batch_s": max(seconds) if seconds else None,
+            "sandbox_workers": len(self.scorer.sandbox.worker_pids),
+        }
+
+    def health(self) -> dict:
+        return {"sandbox_worker_pids": self.scorer.sandbox.worker_pids, **self.stats()}
+
+    def close(self) -> None:
+        self.scorer.close()
+
+
+def launch(cfg: RewardConfig = RewardConfig(), name: str = "reward", namespace: str = "reft",
+           num_cpus: float = 0.25, timeout_s: float = 60.0):
+    """Start the reward actor (named, in namespace reft) and wait until its sandbox is up.
+
+    ``num_cpus`` is a scheduling share only (the sandbox workers use what the node has);
+    fractional so that it never blocks the rollout and learner actors on a small node. Ray
+    restarts the actor once if its process dies (its stats then start from zero); programs
+    cannot kill it, so that would be the host's doing (out of memory).
+    """
+    import ray
+    actor = ray.remote(RewardWorker).options(name=name, namespace=namespace, num_cpus=num_cpus,
+                                             max_restarts=1).remote(cfg)
+    ray.get(actor.health.remote(), timeout=timeout_s)
+    return actor

@@ -1,0 +1,289 @@
+"""The ReFT recipe: SFT warm-up, then reinforcement learning on the same questions.
+
+The driver is a single controller: it only moves data between actors and runs the batch-wide
+maths (advantages). One RL step:
+
+    1. questions   next questions_per_step training questions (seeded order, data position kept)
+    2. rollout     the vLLM fleet samples K CoTs per question; samples stream out as they finish
+    3. reward      the reward actor scores them while the rest are still decoding
+    4. score       the learner recomputes log pi_old and V (the old policy) and log pi_ref
+    5. advantages  task score on the last token, - beta * KL per token, GAE (or GRPO / RLOO)
+    6. update      PPO: ppo_epochs passes, clipped policy + alpha * clipped value loss
+    7. sync        the new weights, version v+1, go to every sampler, which proves it loaded them
+    8. evaluate    greedy accuracy on the test split every eval_every steps; checkpoint
+
+With ``rl.max_staleness = 1`` step 2 of the next batch runs during steps 4-7 of this one, on the
+weights of version v (one step off-policy); PPO's ratio still uses the learner's recomputed
+log pi_old of the policy that sampled, so the update stays correct.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tqdm import tqdm
+
+from actors.fleet import RolloutFleet
+from actors.reward import RewardItem
+from actors.reward import launch as launch_reward
+from actors.rollout import Sample, SampleRequest
+from cluster.actor_group import unshard
+from cluster.config import RunConfig
+from cluster.config_io import dump_yaml
+from cluster.experience import add_advantages, rollout_batch
+from cluster.metrics import MetricsLogger, read_metrics, summary_line
+from cluster.report import plot_curves, write_results
+from cluster.runtime import init_ray, load_splits, make_run_dir, prepare_model
+from cluster.schedule import TrainState, next_questions
+from cluster.sft import run_sft, start_learners
+from experiments.records import Example, build_prompt
+from learner.algos import AdvantageConfig
+from learner.worker import LearnerWorker
+
+logger = logging.getLogger("reft")
+
+
+def sample_requests(examples: list[Example], indices: list[int], step: int, cfg: RunConfig) -> list[SampleRequest]:
+    rl = cfg.rl
+    return [SampleRequest(request_id=f"s{step}-q{i}", prompt=build_prompt(examples[i].question, examples[i].cot_kind),
+                          n=rl.samples_per_question, temperature=rl.temperature, top_p=rl.top_p,
+                          max_tokens=rl.max_new_tokens, seed=cfg.seed * 1_000_003 + step * 10_007 + i)
+            for i in indices]
+
+
+def request_index(sample: Sample) -> int:
+    """The example index a request id ``s{step}-q{index}`` / ``eval-{index}`` refers to."""
+    return int(sample.request_id.rsplit("q", 1)[-1] if "-q" in sample.request_id else sample.request_id.split("-")[1])
+
+
+class ReFTTrainer:
+    """Owns the actors of one RL run; ``step()`` is one iteration of the module docstring."""
+
+    def __init__(self, cfg: RunConfig, warmup: str, run_dir: Path, train: list[Example], test: list[Example]):
+        self.cfg, self.run_dir, self.train_set, self.test_set = cfg, run_dir, train, test
+        self.kind, self.dataset = cfg.data.cot_kind, cfg.data.dataset
+        learner_cfg = dataclasses.replace(cfg.learner, model=warmup, with_reference=cfg.rl.algorithm == "reft"
+                                          or cfg.rl.kl_coef_for(self.kind) > 0)
+        self.learners = start_learners(cfg, learner_cfg)                        # DeepSpeed ranks
+        self.fleet = RolloutFleet(dataclasses.replace(cfg.rollout, model=warmup))  # vLLM engines
+        self.reward = launch_reward(cfg.reward, name="reward-0")                 # sandboxed scoring
+        self.adv_cfg = AdvantageConfig(gamma=cfg.rl.gamma, lam=cfg.rl.lam, whiten=cfg.rl.whiten_advantages)
+        from experiments.tiny_model import load_tokenizer
+        self.pad_id = load_tokenizer(warmup).pad_token_id
+        self.state = TrainState()
+        self.metrics = MetricsLogger(run_dir / "rl", ray_keys=RAY_KEYS)
+
+    # ---------------------------------------------------------------- one RL step
+    def step(self) -> dict:
+        cfg, rl, state = self.cfg, self.cfg.rl, self.state
+        timing, t0 = {}, time.perf_counter()
+        indices = next_questions(state, len(self.train_set), rl.questions_per_step, cfg.seed)          # 1
+        samples, scores = self.rollout_and_score(indices, state.step)                                # 2, 3
+        timing["timing/rollout_s"] = time.perf_counter() - t0
+
+        t = time.perf_counter()
+        batch = rollout_batch([s.prompt_token_ids for s in samples], [s.completion_token_ids for s in samples],
+                              self.pad_id, [s.logprobs for s in samples])
+        old = unshard(self.learners.run_sharded(LearnerWorker.compute_logprobs_and_values, batch))      # 4
+        ref = (unshard(self.learners.run_sharded(LearnerWorker.compute_ref_logprobs, batch))
+               if self.learners_have_reference else old.logprobs)
+        group_ids = torch.tensor([request_index(s) for s in samples])
+        reward_t = torch.tensor([sc.reward for sc in scores], dtype=torch.float32)
+        ppo_batch, metrics = add_advantages(batch, reward_t, old.logprobs, old.values, ref, group_ids,         # 5
+                                            rl.estimator, rl.kl_coef_for(self.kind), self.adv_cfg)
+        update = self.learners.run_sharded(LearnerWorker.ppo_update, ppo_batch)[0]                     # 6
+        timing["timing/learner_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        state.version += 1
+        self.fleet.update_weights(self.learners.run(LearnerWorker.export_weights)[0], state.version)  # 7
+        timing["timing/sync_s"] = time.perf_counter() - t
+        state.step += 1
+
+        n = len(scores)
+        metrics.update({f"learner/{k}": v for k, v in update.items()})
+        metrics.update({
+            "rl/reward_mean": float(reward_t.mean()),
+            "rl/train_accuracy": 100.0 * sum(s.correct for s in scores) / n,
+            "rl/answered": 100.0 * sum(s.answer is not None for s in scores) / n,
+            "rl/epoch": state.epoch + state.position / len(self.train_set),
+            "rl/staleness": float(state.version - 1 - min(s.policy_version for s in samples)),
+            "perf/rollout_tokens_per_s": float(batch["response_mask"].sum()) / max(timing["timing/rollout_s"], 1e-9),
+            **timing,
+        })
+        return metrics
+
+    @property
+    def learners_have_reference(self) -> bool:
+        return self.learners.cfg.with_reference
+
+    def rollout_and_score(self, indices: list[int], step: int) -> tuple[list[Sample], list]:
+        """Sample and score: each chunk of finished samples goes to the reward actor at once, so
+        scoring overlaps decoding. Returns samples in a fixed order (request, index)."""
+        self.fleet.submit(sample_requests(self.train_set, indices, step, self.cfg))
+        pending = []   # (samples, ObjectRef of their scores)
+        while self.fleet.num_pending:
+            chunk = self.fleet.poll(timeout_s=self.cfg.rollout.call_timeout_s)
+            if not chunk:
+                raise TimeoutError(f"no rollout finished in {self.cfg.rollout.call_timeout_s:.0f} s: "
+                                   f"{self.fleet.describe()}")
+            pending.append((chunk, self.score_async(chunk)))
+        samples, scores = [], []
+        for chunk, ref in pending:
+            samples += chunk
+            scores += self.reward_get(ref)
+        order = sorted(range(len(samples)), key=lambda i: (request_index(samples[i]), samples[i].index))
+        return [samples[i] for i in order], [scores[i] for i in order]
+
+    def score_async(self, samples: list[Sample], examples: Optional[list[Example]] = None):
+        examples = examples or [self.train_set[request_index(s)] for s in samples]
+        return self.reward.score.remote([RewardItem(s.completion_text, e.answer, e.cot_kind, e.dataset, e.options,
+                                                    e.question) for s, e in zip(samples, examples)])
+
+    def reward_get(self, ref):
+        import ray
+        return ray.get(ref, timeout=self.cfg.cluster.call_timeout_s)
+
+    # ---------------------------------------------------------------- evaluation
+    def evaluate(self, examples: list[Example]) -> dict:
+        """Greedy top-1 accuracy through the samplers (current weights) and the reward actor."""
+        requests = [SampleRequest(request_id=f"eval-{i}", prompt=build_prompt(e.question, e.cot_kind), n=1,
+                                  temperature=0.0, max_tokens=self.cfg.rl.max_new_tokens)
+                    for i, e in enumerate(examples)]
+        samples = self.fleet.generate(requests, timeout_s=self.cfg.rollout.call_timeout_s)   # in request order
+        scores = self.reward_get(self.score_async(samples, examples))
+        return {"accuracy": 100.0 * sum(s.correct for s in scores) / len(scores),
+                "answered": 100.0 * sum(s.answer is not None for s in scores) / len(scores)}
+
+    def evaluate_and_log(self) -> dict:
+        test = self.evaluate(self.test_set)
+        train = self.evaluate(self.train_set[:self.cfg.data.train_eval_size])
+        record = {"eval/test_accuracy": test["accuracy"], "eval/test_answered": test["answered"],
+                  "eval/train_accuracy": train["accuracy"]}
+        self.metrics.write(self.state.step, record)
+        return record
+
+    # ---------------------------------------------------------------- checkpoints
+    def save(self) -> Path:
+        path = self.run_dir / "checkpoints" / f"step-{self.state.step:06d}"
+        self.learners.run(LearnerWorker.save_checkpoint, str(path), {"train_state": self.state.to_json()})
+        dump_yaml(self.cfg, path / "config.yaml")
+        (self.run_dir / "checkpoints" / "latest").write_text(path.name)
+        return path
+
+    def load(self, path: Path) -> None:
+        client = self.learners.run(LearnerWorker.load_checkpoint, str(path))[0]
+        self.state = TrainState(**client["train_state"])
+        self.fleet.update_weights(self.learners.run(LearnerWorker.export_weights)[0], self.state.version)
+
+    def close(self) -> None:
+        import ray
+        self.metrics.close()
+        self.fleet.shutdown()
+        self.learners.kill()
+        try:
+            ray.get(self.reward.close.remote(), timeout=30)   # stops its sandbox workers
+        finally:
+            ray.kill(self.reward)
+
+
+RAY_KEYS = ("rl/reward_mean", "rl/train_accuracy", "rl/kl", "learner/entropy", "learner/clipfrac",
+            "learner/vf_loss", "perf/rollout_tokens_per_s", "timing/sync_s", "rl/staleness",
+            "rl/sampler_logprob_gap", "eval/test_accuracy")
+
+
+def total_steps(cfg: RunConfig, n_train: int) -> int:
+    return max(1, cfg.rl.epochs * n_train // cfg.rl.questions_per_step)
+
+
+def run_rl(cfg: RunConfig, warmup: str, run_dir: Path, train: list[Example], test: list[Example],
+           resume: Optional[Path] = None, max_seconds: Optional[float] = None) -> list[dict]:
+    """The RL loop; returns the evaluation records. ``max_seconds`` stops it early (wall budget)."""
+    trainer = ReFTTrainer(cfg, warmup, run_dir, train, test)
+    history = []
+    try:
+        if resume is not None:
+            trainer.load(resume)
+        steps = total_steps(cfg, len(train))
+        start = time.perf_counter()
+        if trainer.state.step == 0:
+            history.append({"step": 0, **trainer.evaluate_and_log()})
+        bar = tqdm(total=steps, initial=trainer.state.step, desc=f"rl ({cfg.rl.algorithm})", unit="step")
+        while trainer.state.step < steps:
+            metrics = trainer.step()
+            trainer.metrics.write(trainer.state.step, metrics)
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics['rl/reward_mean']:.3f}", acc=f"{metrics['rl/train_accuracy']:.0f}")
+            logger.info("rl %s", summary_line(trainer.state.step, metrics, SUMMARY_KEYS))
+            done = trainer.state.step == steps or (max_seconds and time.perf_counter() - start > max_seconds)
+            if trainer.state.step % cfg.rl.eval_every == 0 or done:
+                history.append({"step": trainer.state.step, **trainer.evaluate_and_log()})
+            if trainer.state.step % cfg.rl.checkpoint_every == 0 or done:
+                trainer.save()
+            if done:
+                break
+        bar.close()
+    finally:
+        trainer.close()
+    return history
+
+
+SUMMARY_KEYS = ("rl/reward_mean", "rl/train_accuracy", "rl/kl", "learner/pg_loss", "learner/vf_loss",
+                "learner/entropy", "timing/rollout_s", "timing/learner_s", "timing/sync_s")
+
+
+def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    marker = run_dir / "checkpoints" / "latest"
+    return run_dir / "checkpoints" / marker.read_text().strip() if marker.exists() else None
+
+
+def run_train(cfg: RunConfig, resume: bool = False) -> dict:
+    """The whole ReFT pipeline of one config: warm-up, RL, (optionally) the SFT-continued
+    baseline for the same wall time, the results table, the plots. Returns the headline."""
+    start = time.perf_counter()
+    cfg.validate()
+    run_dir = make_run_dir(cfg)
+    init_ray(cfg)
+    cfg = prepare_model(cfg, run_dir)
+    train, test = load_splits(cfg)
+
+    # 1. warm-up: SFT on the gold CoTs (or a given checkpoint)
+    warmup = cfg.rl.warmup_checkpoint
+    if warmup is None:
+        done = sorted((run_dir / "sft").glob("epoch-*"), key=lambda p: int(p.name.split("-")[1]))
+        if resume and len(done) == cfg.sft.epochs:
+            warmup = str(done[-1])
+        else:
+            warmup = str(run_sft(cfg).checkpoints[-1])
+    warm_cfg = dataclasses.replace(cfg, learner=dataclasses.replace(cfg.learner, model=warmup))
+
+    # 2. reinforcement learning from the warm-up
+    rl_start = time.perf_counter()
+    history = run_rl(warm_cfg, warmup, run_dir, train, test,
+                     resume=latest_checkpoint(run_dir) if resume else None)
+    rl_seconds = time.perf_counter() - rl_start
+
+    # 3. the baseline: SFT continued from the same warm-up for the same wall time
+    rows = [{"model": "warm-up (SFT)", "test_accuracy": history[0]["eval/test_accuracy"] if history else None}]
+    headline = {"warmup_acc": rows[0]["test_accuracy"]}
+    series = {cfg.rl.algorithm: read_metrics(run_dir / "rl" / "metrics.jsonl")}
+    if cfg.rl.compare_sft:
+        sft_cfg = dataclasses.replace(warm_cfg, sft=dataclasses.replace(
+            cfg.sft, epochs=10_000, lr_schedule="linear_warmup_constant", warmup_ratio=0.0))
+        cont = run_sft(sft_cfg, phase="sft-continued", max_seconds=rl_seconds)
+        rows.append({"model": "SFT continued", "test_accuracy": cont.history[-1].get("eval/test_accuracy"),
+                     "train_accuracy": cont.history[-1].get("eval/train_accuracy")})
+        headline["sft_acc"] = rows[-1]["test_accuracy"]
+        series["sft-continued"] = read_metrics(run_dir / "sft-continued" / "metrics.jsonl")
+    rows.append({"model": cfg.rl.algorithm, "test_accuracy": history[-1]["eval/test_accuracy"],
+                 "train_accuracy": history[-1]["eval/train_accuracy"]})
+    headline[f"{cfg.rl.algorithm}_acc"] = rows[-1]["test_accuracy"]
+    headline["wall_seconds"] = round(time.perf_counter() - start, 1)
+    table = write_results(run_dir, rows, headline)
+    plot_curves(run_dir / "curves.png", series, title=f"{cfg.name}: {cfg.data.dataset} {cfg.data.cot_kind}")
+    print(table.to_markdown(index=False, floatfmt=".1f"))
+    return headline
