@@ -11,6 +11,7 @@ Rules (the config is the single source of truth, so it must be hard to get wrong
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any, Iterable, Optional, TypeVar
 import yaml
 
 T = TypeVar("T")
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 class ConfigError(ValueError):
@@ -94,6 +96,8 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
+        return float(value)   # YAML 1.1 (PyYAML) reads 3e-4, without a dot, as a string
     if tp is Path and isinstance(value, str):
         return Path(value)
     if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):

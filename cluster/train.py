@@ -66,8 +66,9 @@ class ReFTTrainer:
     def __init__(self, cfg: RunConfig, warmup: str, run_dir: Path, train: list[Example], test: list[Example]):
         self.cfg, self.run_dir, self.train_set, self.test_set = cfg, run_dir, train, test
         self.kind, self.dataset = cfg.data.cot_kind, cfg.data.dataset
-        learner_cfg = dataclasses.replace(cfg.learner, model=warmup, with_reference=cfg.rl.algorithm == "reft"
-                                          or cfg.rl.kl_coef_for(self.kind) > 0)
+        # The reference model is only needed for the KL penalty.
+        self.with_reference = cfg.rl.kl_coef_for(self.kind) > 0
+        learner_cfg = dataclasses.replace(cfg.learner, model=warmup, with_reference=self.with_reference)
         self.learners = start_learners(cfg, learner_cfg)                        # DeepSpeed ranks
         self.fleet = RolloutFleet(dataclasses.replace(cfg.rollout, model=warmup))  # vLLM engines
         self.reward = launch_reward(cfg.reward, name="reward-0")                 # sandboxed scoring
@@ -90,7 +91,7 @@ class ReFTTrainer:
                               self.pad_id, [s.logprobs for s in samples])
         old = unshard(self.learners.run_sharded(LearnerWorker.compute_logprobs_and_values, batch))      # 4
         ref = (unshard(self.learners.run_sharded(LearnerWorker.compute_ref_logprobs, batch))
-               if self.learners_have_reference else old.logprobs)
+               if self.with_reference else old.logprobs)
         group_ids = torch.tensor([request_index(s) for s in samples])
         reward_t = torch.tensor([sc.reward for sc in scores], dtype=torch.float32)
         ppo_batch, metrics = add_advantages(batch, reward_t, old.logprobs, old.values, ref, group_ids,         # 5
@@ -116,10 +117,6 @@ class ReFTTrainer:
             **timing,
         })
         return metrics
-
-    @property
-    def learners_have_reference(self) -> bool:
-        return self.learners.cfg.with_reference
 
     def rollout_and_score(self, indices: list[int], step: int) -> tuple[list[Sample], list]:
         """Sample and score: each chunk of finished samples goes to the reward actor at once, so

@@ -39,6 +39,13 @@ def test_yaml_plus_overrides(tmp_path):
     assert from_dict(Outer, to_dict(cfg)) == cfg
 
 
+def test_exponent_without_dot_is_a_float():
+    # PyYAML (YAML 1.1) reads 3e-4 as the string "3e-4"; a float field takes it as 0.0003.
+    assert load_config(Outer, None, ["inner.lr=3e-4"]).inner.lr == 3e-4
+    with pytest.raises(ConfigError, match=r"inner\.lr: expected float, got 'fast'"):
+        load_config(Outer, None, ["inner.lr=fast"])
+
+
 def test_int_accepted_for_float_and_null_for_optional():
     assert load_config(Outer, None, ["inner.lr=1", "inner.name=null"]).inner == Inner(lr=1.0, name=None)
 

@@ -26,8 +26,9 @@ def test_reft_loop_end_to_end(tmp_path, ray_local):
     run_dir = tmp_path / "e2e"
 
     steps = [r for r in read_metrics(run_dir / "rl" / "metrics.jsonl") if "rl/reward_mean" in r]
-    assert len(steps) == 2 * 256 // 32
-    first, last = steps[:3], steps[-3:]
+    assert len(steps) == 512 // 32
+    # The first steps sample from (nearly) the warm-up policy; the second half from the trained one.
+    first, last = steps[:2], steps[8:]
     mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)   # noqa: E731
     print("reward per step", [round(r["rl/reward_mean"], 3) for r in steps])
     assert mean(last, "rl/reward_mean") > mean(first, "rl/reward_mean")
