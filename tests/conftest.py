@@ -16,3 +16,12 @@ def data_dir() -> Path:
     if not (DATA_DIR / "reft" / "data").is_dir():
         pytest.skip(f"real datasets not found at {DATA_DIR} (set REFT_DATA_DIR to the shared/data folder)")
     return DATA_DIR
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray (2 CPUs, no dashboard) for one test module; tests that need one ask for it."""
+    import ray
+    ray.init(num_cpus=2, include_dashboard=False, namespace="reft")
+    yield
+    ray.shutdown()

@@ -8,14 +8,6 @@ from cluster.config import RunConfig
 from cluster.config_io import load_config
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-    ray.init(num_cpus=2, include_dashboard=False, namespace="reft")
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.slow
 def test_sft_lowers_loss_and_raises_held_out_accuracy(tmp_path, ray_local):
     # An easy task (one addition with small numbers) so that a short run shows learning.

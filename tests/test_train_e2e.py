@@ -8,14 +8,6 @@ from cluster.config import RunConfig
 from cluster.config_io import load_config
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-    ray.init(num_cpus=2, include_dashboard=False, namespace="reft")
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.slow
 def test_reft_loop_end_to_end(tmp_path, ray_local):
     from cluster.metrics import read_metrics

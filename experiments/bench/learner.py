@@ -28,7 +28,6 @@ def build_batch(model_dir: Path, batch_size: int, seed: int = 0):
 
 
 def bench_config(model_dir: Path, ranks: int, stage: int, batch, steps: int) -> dict:
-    import ray
     import torch
 
     from cluster.actor_group import ActorGroup
