@@ -33,7 +33,7 @@ from actors.reward import launch as launch_reward
 from actors.rollout import Sample, SampleRequest
 from cluster.actor_group import unshard
 from cluster.config import RunConfig
-from cluster.config_io import dump_yaml
+from cluster.config_io import ConfigError, dump_yaml
 from cluster.experience import add_advantages, rollout_batch
 from cluster.metrics import MetricsLogger, read_metrics, summary_line
 from cluster.report import plot_curves, write_results
@@ -243,6 +243,13 @@ def run_train(cfg: RunConfig, resume: bool = False) -> dict:
     baseline for the same wall time, the results table, the plots. Returns the headline."""
     start = time.perf_counter()
     cfg.validate()
+    # Not wired yet; refusing beats silently training on-policy / on CPU actors.
+    if cfg.rl.max_staleness != 0:
+        raise ConfigError("rl.max_staleness = 1 (generation overlapped with training) is not implemented in the "
+                          "driver yet; use 0 (on-policy, the paper's setting)")
+    if cfg.cluster.mode != "cpu":
+        raise ConfigError(f"cluster.mode = {cfg.cluster.mode}: the placement plan is computed and checked "
+                          "(reft train --dry-run) but the driver does not yet place the actors by it; use cpu")
     run_dir = make_run_dir(cfg)
     init_ray(cfg)
     cfg = prepare_model(cfg, run_dir)

@@ -66,3 +66,13 @@ def test_paper_kl_coefficients_by_cot_kind():
     cfg = load_config(RunConfig, DEFAULT_CONFIG)
     assert (cfg.rl.kl_coef_for("ncot"), cfg.rl.kl_coef_for("pcot")) == (0.05, 0.01)
     assert load_config(RunConfig, DEFAULT_CONFIG, ["rl.kl_coef=0.2"]).rl.kl_coef_for("pcot") == 0.2
+
+
+@pytest.mark.parametrize("override, message", [
+    ("rl.max_staleness=1", "rl.max_staleness = 1 (generation overlapped with training) is not implemented"),
+    ("cluster.mode=cluster", "does not yet place the actors by it"),
+])
+def test_train_refuses_what_the_driver_does_not_do_yet(capsys, override, message):
+    # These fail before Ray or any actor starts.
+    assert main(["train", override]) == 2
+    assert message in capsys.readouterr().err
