@@ -1,7 +1,7 @@
 """A run's results as files a person reads: a table (markdown + CSV) and PNG plots.
 
     write_results(run_dir, rows)        results.md / results.csv (+ results.json for the headline)
-    plot_curves(run_dir, series)        curves.png: reward and accuracy vs step, train vs test
+    plot_curves(path, series)           curves.png: reward and accuracy vs time, train vs test
 """
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ def write_results(run_dir: Path, rows: Sequence[Mapping], headline: Mapping | No
 def plot_curves(path: Path, series: Mapping[str, Sequence[Mapping]], title: str = "") -> Path:
     """``series``: name → metric records (``{"step", key: value}``) as in metrics.jsonl.
 
-    Left: training reward (mean score of the sampled CoTs) vs step. Right: greedy accuracy vs
-    step, test solid and train dashed: the gap is SFT's overfitting, the paper's figure.
+    Left: training reward (mean score of the sampled CoTs) vs time. Right: greedy accuracy vs
+    time, test solid and train dashed: the gap is SFT's overfitting, the paper's figure.
     """
     import matplotlib
     matplotlib.use("Agg")   # files only, no display
@@ -35,15 +35,19 @@ def plot_curves(path: Path, series: Mapping[str, Sequence[Mapping]], title: str 
     fig, (ax_r, ax_a) = plt.subplots(1, 2, figsize=(11, 4))
     for i, (name, records) in enumerate(series.items()):
         color = f"C{i}"
-        reward = [(r["step"], r["rl/reward_mean"]) for r in records if "rl/reward_mean" in r]
+        # x = seconds since the phase's first record: phases of different step costs (an RL step
+        # vs an SFT step) compare at equal wall time, which is how the baselines are matched.
+        t0 = records[0]["time"] if records else 0.0
+        reward = [(r["time"] - t0, r["rl/reward_mean"]) for r in records if "rl/reward_mean" in r]
         if reward:
             ax_r.plot(*zip(*reward), color=color, label=name)
         for key, style, label in (("eval/test_accuracy", "-", "test"), ("eval/train_accuracy", "--", "train")):
-            points = [(r["step"], r[key]) for r in records if key in r]
+            points = [(r["time"] - t0, r[key]) for r in records if key in r]
             if points:
                 ax_a.plot(*zip(*points), style, color=color, marker="o", label=f"{name} {label}")
-    ax_r.set(xlabel="step", ylabel="mean reward of samples", title="training reward")
-    ax_a.set(xlabel="step", ylabel="greedy accuracy (%)", title="accuracy (test solid, train dashed)")
+    ax_r.set(xlabel="seconds", ylabel="mean reward of samples", title="training reward")
+    ax_a.set(xlabel="seconds (evaluation time included)", ylabel="greedy accuracy (%)",
+             title="accuracy (test solid, train dashed)")
     for ax in (ax_r, ax_a):
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
