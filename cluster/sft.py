@@ -55,16 +55,21 @@ def evaluate_checkpoint(path: Path, examples: list[Example], scorer: Scorer, max
     return greedy_accuracy(lambda prompts: hf_greedy(model, tokenizer, prompts, max_new_tokens), examples, scorer)
 
 
-def run_sft(cfg: RunConfig, group: Optional[ActorGroup] = None, phase: str = "sft",
-            max_seconds: Optional[float] = None) -> SFTResult:
-    """SFT from ``cfg.learner.model``. Checkpoints and metrics go to ``<run_dir>/<phase>/``.
-    ``max_seconds`` stops training after that much training time (checked after each step; the
-    epoch in progress is checkpointed and evaluated): the "SFT continued for the same wall time as
-    RL" baseline."""
+def run_sft(cfg: RunConfig) -> SFTResult:
+    """``reft sft``: set up the run (directory, resolved config, model, data), then `train_sft`."""
     cfg.validate()
     run_dir = make_run_dir(cfg)
     cfg = prepare_model(cfg, run_dir)
     train, test = load_splits(cfg)
+    return train_sft(cfg, run_dir, train, test)
+
+
+def train_sft(cfg: RunConfig, run_dir: Path, train: list[Example], test: list[Example], phase: str = "sft",
+              max_seconds: Optional[float] = None) -> SFTResult:
+    """SFT from ``cfg.learner.model`` on ``train``. Checkpoints and metrics go to
+    ``<run_dir>/<phase>/``. ``max_seconds`` stops training after that much training time (checked
+    after each step; the epoch in progress is checkpointed and evaluated): the "SFT continued for
+    the same wall time as RL" baseline. Writes no run config: the caller owns the run directory."""
     tokenizer = load_tokenizer(cfg.learner.model)
 
     # 1. tokenize the gold CoTs; drop (and count) the ones longer than max_length
@@ -83,8 +88,7 @@ def run_sft(cfg: RunConfig, group: Optional[ActorGroup] = None, phase: str = "sf
 
     # 2. the learner group (DeepSpeed ranks as Ray actors)
     init_ray(cfg)
-    own_group = group is None
-    group = group or start_learners(cfg, learner_cfg)
+    group = start_learners(cfg, learner_cfg)
     metrics = MetricsLogger(run_dir / phase, ray_keys=("sft/loss", "eval/test_accuracy"))
     scorer = Scorer(cfg.reward)
     result = SFTResult([], [])
@@ -134,6 +138,5 @@ def run_sft(cfg: RunConfig, group: Optional[ActorGroup] = None, phase: str = "sf
     finally:
         metrics.close()
         scorer.close()
-        if own_group:
-            group.kill()
+        group.kill()
     return result

@@ -39,7 +39,7 @@ from cluster.metrics import MetricsLogger, read_metrics, summary_line
 from cluster.report import plot_curves, write_results
 from cluster.runtime import init_ray, load_splits, make_run_dir, prepare_model
 from cluster.schedule import TrainState, next_questions
-from cluster.sft import run_sft, start_learners
+from cluster.sft import start_learners, train_sft
 from experiments.records import Example, build_prompt
 from learner.algos import AdvantageConfig
 from learner.worker import LearnerWorker
@@ -262,7 +262,7 @@ def run_train(cfg: RunConfig, resume: bool = False) -> dict:
         if resume and len(done) == cfg.sft.epochs:
             warmup = str(done[-1])
         else:
-            warmup = str(run_sft(cfg).checkpoints[-1])
+            warmup = str(train_sft(cfg, run_dir, train, test).checkpoints[-1])
     warm_cfg = dataclasses.replace(cfg, learner=dataclasses.replace(cfg.learner, model=warmup))
 
     # 2. reinforcement learning from the warm-up
@@ -280,7 +280,7 @@ def run_train(cfg: RunConfig, resume: bool = False) -> dict:
     if cfg.rl.compare_sft:
         sft_cfg = dataclasses.replace(warm_cfg, sft=dataclasses.replace(
             cfg.sft, epochs=10_000, lr_schedule="linear_warmup_constant", warmup_ratio=0.0))
-        cont = run_sft(sft_cfg, phase="sft-continued", max_seconds=rl_seconds)
+        cont = train_sft(sft_cfg, run_dir, train, test, phase="sft-continued", max_seconds=rl_seconds)
         rows.append({"model": "SFT continued", "test_accuracy": cont.history[-1].get("eval/test_accuracy"),
                      "train_accuracy": cont.history[-1].get("eval/train_accuracy")})
         headline["sft_acc"] = rows[-1]["test_accuracy"]

@@ -31,6 +31,7 @@ def test_reft_loop_end_to_end(tmp_path, ray_local):
 
     # the run directory: config, metrics, a checkpoint, the table, the plot
     assert (run_dir / "config.yaml").is_file() and (run_dir / "rl" / "metrics.csv").is_file()
+    assert load_config(RunConfig, run_dir / "config.yaml") == cfg   # the phases never overwrite it
     assert (run_dir / "checkpoints" / "latest").is_file()
     assert (run_dir / "results.md").is_file() and (run_dir / "results.csv").is_file()
     assert (run_dir / "curves.png").stat().st_size > 10_000
