@@ -274,15 +274,26 @@ class LearnerWorker:
         response tokens only (the same as HF's loss with labels = -100 off ``response_mask``),
         averaged over the GLOBAL number of response tokens (HF's token mean, across ranks). At
         temperature 1: SFT fits the model itself; ``temperature`` only describes the sampler.
-        Returns ``loss`` (mean NLL per response token), ``grad_norm``, ``lr``, ``num_tokens``."""
-        _check_batch(batch, BATCH_KEYS)
+
+        With a ``loss_weights`` (B, L) float32 tensor in the batch, the loss is instead the sum of
+        each response token's NLL times its weight. The driver normalises the weights over the
+        WHOLE batch before sharding (so the ranks' shares still add up to the full-batch loss):
+        online self-training's 1/2 token mean over sampled CoTs + 1/2 over gold CoTs is one such
+        weighting, which a single token mean over both cannot express.
+        Returns ``loss`` (mean NLL per response token, or the weighted sum), ``grad_norm``, ``lr``,
+        ``num_tokens``."""
+        keys = BATCH_KEYS + (("loss_weights",) if "loss_weights" in batch else ())
+        _check_batch(batch, keys)
         (n_tokens,), _ = self._global_counts(batch, [(0, _num_rows(batch))])
         self.engine.train(True)
         total = torch.zeros((), dtype=torch.float64, device=self.engine.device)
-        for mb in self._accumulation(batch, BATCH_KEYS, 0, _num_rows(batch)):
+        for mb in self._accumulation(batch, keys, 0, _num_rows(batch)):
             out = self.engine.forward(mb["input_ids"], mb["attention_mask"])
             logprobs = token_outputs(mb["input_ids"], out.logits).logprobs
-            loss = -masked_sum(logprobs, mb["response_mask"]) / n_tokens
+            if "loss_weights" in mb:
+                loss = -masked_sum(logprobs * mb["loss_weights"], mb["response_mask"])
+            else:
+                loss = -masked_sum(logprobs, mb["response_mask"]) / n_tokens
             self.engine.backward(loss * self.world_size)  # x world_size: see the module docstring
             total += loss.detach().double()
         stats = self.engine.step()

@@ -208,6 +208,24 @@ def test_sft_step_lowers_the_loss_and_export_keeps_names(worker, model_dir):
     assert not torch.equal(exported["model.embed_tokens.weight"], reference["model.embed_tokens.weight"])
 
 
+def test_sft_step_loss_weights_mix_two_token_means(worker):
+    # Online self-training's loss: 1/2 token mean NLL over rows 0-1 + 1/2 over rows 2-3. Rows 0-1
+    # have 9 + 7 response tokens, rows 2-3 have 5 + 9: a single token mean over all 30 would
+    # weigh the halves 16:14 instead of 1:1.
+    batch = make_batch(seed=3)
+    mask = batch["response_mask"].float()
+    weights = torch.zeros_like(mask)
+    weights[:2] = 0.5 / mask[:2].sum()
+    weights[2:] = 0.5 / mask[2:].sum()
+    nll = -worker.compute_logprobs(batch)   # the same parameters sft_step's loss is taken at
+    expected = 0.5 * float((nll * mask)[:2].sum() / mask[:2].sum()) + 0.5 * float((nll * mask)[2:].sum() / mask[2:].sum())
+    out = worker.sft_step(dict(batch, loss_weights=weights * mask))
+    assert out["loss"] == pytest.approx(expected, rel=1e-5)
+    assert out["num_tokens"] == 30
+    plain = float((nll * mask).sum() / mask.sum())
+    assert abs(plain - expected) > 1e-4   # the weighting changed the loss, or this test proves nothing
+
+
 def test_separate_critic_with_checkpointing_under_zero3(worker, model_dir):
     """The ablation's critic (its own backbone), activation checkpointing, ZeRO-3, no reference.
     A second engine in the same world of one (the process group is already up)."""
