@@ -62,6 +62,15 @@ class SyntheticConfig:
     under a thousand tokens while 3 steps of products still have room."""
     operations: tuple[str, ...] = OPERATIONS
     """Which operations steps may use, from ("+", "-", "*", "/"); "/" only ever divides exactly."""
+    terse_fraction: float = 0.0
+    """Fraction of TRAINING N-CoTs written tersely: every step in one equation (``so Tom has
+    12 + 7 - 4 = 15 apples.``) instead of one line per step. Real annotations mix granularities
+    (GSM8K's skip steps); the annotator's choice is random, so a question's wording does not tell
+    which style its gold CoT has. A terse line asks for a multi-operation result in one token, which
+    a tiny model can memorise for a training question but not compute for a new one: SFT imitates
+    both styles, while RL, sampling both on the training questions, can learn which one earns the
+    reward (the paper's "learning from multiple CoTs"). 0 = every CoT step by step. Test CoTs and
+    P-CoT programs are always step by step (a program's arithmetic is done by Python)."""
 
     def __post_init__(self):
         # Configs arrive from YAML too: accept a list and store a tuple, so the config stays hashable.
@@ -85,6 +94,7 @@ class SyntheticConfig:
         check(self.max_operand >= 2, "max_operand", "must be >= 2 (operands are drawn from [2, max_operand])")
         check(self.max_value >= 2 * self.max_operand, "max_value",
               f"must be >= 2 * max_operand ({2 * self.max_operand}) so that every step has room")
+        check(0.0 <= self.terse_fraction <= 1.0, "terse_fraction", "must be in [0, 1]")
         check(len(self.operations) > 0, "operations", "must name at least one operation")
         check(set(self.operations) <= set(OPERATIONS) and len(set(self.operations)) == len(self.operations),
               "operations", f"must be distinct members of {OPERATIONS}")
@@ -99,6 +109,7 @@ def generate(cfg: SyntheticConfig, cot_kind: str = "ncot") -> tuple[list[Example
     if cot_kind not in COT_KINDS:
         raise ValueError(f"cot_kind must be one of {COT_KINDS}, got {cot_kind!r}")
     rng = random.Random(cfg.seed)
+    style_rng = random.Random(cfg.seed + 1)   # a stream of its own: the questions do not depend on it
     seen: set[str] = set()
     splits = {}
     for split, size, min_steps, max_steps in (("train", cfg.num_train, cfg.min_steps, cfg.max_steps),
@@ -116,10 +127,12 @@ def generate(cfg: SyntheticConfig, cot_kind: str = "ncot") -> tuple[list[Example
             if problem is not None and problem.question not in seen:
                 seen.add(problem.question)
                 problems.append(problem)
+        terse = [split == "train" and style_rng.random() < cfg.terse_fraction for _ in problems]
         splits[split] = [
             Example(id=f"synthetic-{split}-{i:06d}", question=p.question, answer=str(p.answer),
-                    dataset="synthetic", cot_kind=cot_kind, cot=p.ncot if cot_kind == "ncot" else p.pcot)
-            for i, p in enumerate(problems)]
+                    dataset="synthetic", cot_kind=cot_kind,
+                    cot=p.pcot if cot_kind == "pcot" else p.terse_ncot if is_terse else p.ncot)
+            for i, (p, is_terse) in enumerate(zip(problems, terse))]
     train_questions = {e.question for e in splits["train"]}
     assert not any(e.question in train_questions for e in splits["test"]), "train/test share a question"
     return splits["train"], splits["test"]
@@ -184,6 +197,7 @@ class Problem(NamedTuple):
     answer: int
     ncot: str
     pcot: str
+    terse_ncot: str   # the same solution in one equation (SyntheticConfig.terse_fraction)
 
 
 def _operands(op: str, value: int, cfg: SyntheticConfig) -> list[int]:
@@ -210,6 +224,7 @@ def _sample_problem(rng: random.Random, cfg: SyntheticConfig, num_steps: int) ->
     sentences = [rng.choice(START_TEMPLATES).format(name=holder.name, n=value, items=items)]
     ncot = [f"{holder.name} starts with {value} {items}."]
     code = [f"{var} = {value}"]
+    expression, last_op = str(value), None   # the terse CoT's single equation, built step by step
     pronoun_is_clear = True   # the previous sentence named nobody but the holder
     for step in range(num_steps):
         choices = {op: _operands(op, value, cfg) for op in cfg.operations}
@@ -233,15 +248,19 @@ def _sample_problem(rng: random.Random, cfg: SyntheticConfig, num_steps: int) ->
         operand_var = template.operand_var.format(items=items)
         ncot.append(f"{_capitalize(body)}, so {new_holder.name} has {value} {op} {n} = {new_value} {items}.")
         code += [f"{operand_var} = {n}", f"{new_var} = {var} {PYTHON_OPS[op]} {operand_var}"]
+        if op in "*/" and last_op in ("+", "-"):
+            expression = f"({expression})"     # left to right, with the brackets precedence needs
+        expression, last_op = f"{expression} {op} {n}", op
         holder, var, value = new_holder, new_var, new_value
         pronoun_is_clear = not names_other
 
     sentences.append(rng.choice(QUESTION_TEMPLATES).format(items=items, name=holder.name))
     question = " ".join(sentences)
     ncot.append(f"{ANSWER_TRIGGER} {value}")
+    terse = [ncot[0], f"So {holder.name} has {expression} = {value} {items}.", ncot[-1]]
     code += [f"result = {var}", "return result"]
     pcot = pcot_header(question) + "\n".join("    " + line for line in code)
-    return Problem(question, value, "\n".join(ncot), pcot)
+    return Problem(question, value, "\n".join(ncot), pcot, "\n".join(terse))
 
 
 def _capitalize(text: str) -> str:

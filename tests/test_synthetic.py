@@ -109,7 +109,7 @@ def test_questions_are_varied_stories(data):
 @pytest.mark.parametrize("field, value", [
     ("num_train", 0), ("num_test", 0), ("min_steps", 0), ("max_steps", 0), ("test_min_steps", 0),
     ("test_max_steps", 0), ("max_operand", 1), ("max_value", 10), ("operations", ()), ("operations", ("%",)),
-    ("operations", ("+", "+")),
+    ("operations", ("+", "+")), ("terse_fraction", -0.1), ("terse_fraction", 1.5),
 ])
 def test_config_errors_name_the_field(field, value):
     with pytest.raises(ValueError, match=rf"SyntheticConfig\.{field} ="):
@@ -125,3 +125,21 @@ def test_impossible_config_says_so():
     with pytest.raises(ValueError, match="could only generate"):
         generate(SyntheticConfig(num_train=50, num_test=5, min_steps=3, max_steps=3, max_operand=3, max_value=6,
                                  operations=("/",)))
+
+
+def test_terse_cots_are_one_right_equation_and_change_nothing_else():
+    plain = generate(CFG, "ncot")
+    terse_cfg = dataclasses.replace(CFG, terse_fraction=0.5)
+    mixed = generate(terse_cfg, "ncot")
+    assert [(e.question, e.answer) for e in plain[0] + plain[1]] == [(e.question, e.answer) for e in mixed[0] + mixed[1]]
+    assert [e.cot for e in mixed[1]] == [e.cot for e in plain[1]]       # test CoTs stay step by step
+    assert generate(terse_cfg, "pcot") == generate(CFG, "pcot")          # programs are never terse
+    terse = [e for e in mixed[0] if e.cot.split("\n")[1].startswith("So ")]
+    assert 0.4 < len(terse) / len(mixed[0]) < 0.6
+    for e in terse:
+        first, equation, trigger = e.cot.split("\n")
+        expression, value = re.fullmatch(r"So [A-Z][a-z]+ has (.+) = (\d+) [a-z]+\.", equation).groups()
+        assert " starts with " in first and trigger == f"{ANSWER_TRIGGER} {e.answer}"
+        # left to right with brackets: Python's integer evaluation (exact "/" only) gives the answer
+        assert int(eval(expression.replace("/", "//"))) == int(value) == int(e.answer)  # our own text
+        assert expression.count("+") + expression.count("-") + expression.count("*") + expression.count("/") >= 1
