@@ -4,6 +4,9 @@
     reft audit-rewards --dataset NAME|all [--split train|test] [--kind ncot|pcot] [--path FILE]
     reft sft [--config FILE] [key.sub=value ...]
     reft train [--config FILE] [--resume RUN_DIR] [--dry-run] [key.sub=value ...]
+    reft eval --checkpoint DIR --dataset NAME [--samples K] [--rerank DIR] [--out DIR] [key.sub=value ...]
+    reft train-reranker --checkpoint DIR --out DIR [--samples K] [--epochs 3] [key.sub=value ...]
+    reft report RUN_DIR... [--out DIR]
 
 Each subcommand is one function ``cmd_<name>(args) -> int``; heavy imports happen inside it so
 that ``reft --help`` stays instant.
@@ -122,7 +125,62 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from experiments.sampled_eval import format_eval, resolve_config, run_eval
+
+    cfg, source = resolve_config(args.checkpoint, args.dataset, args.cot_kind, args.config, args.overrides)
+    out = args.out or args.checkpoint / f"eval-{cfg.data.dataset}"
+    result = run_eval(cfg, args.checkpoint, args.split, args.samples, args.temperature, out,
+                      max_new_tokens=args.max_new_tokens, max_questions=args.max_questions, reranker=args.rerank,
+                      config_source=source)
+    print(format_eval(result))
+    print(f"wrote {out}/eval.json, eval.csv, questions.jsonl, voting.png")
+    return 0
+
+
+def cmd_train_reranker(args) -> int:
+    from experiments.sampled_eval import resolve_config, run_train_reranker
+
+    cfg, source = resolve_config(args.checkpoint, args.dataset, args.cot_kind, args.config, args.overrides)
+    meta = run_train_reranker(cfg, args.checkpoint, args.out, args.samples, args.epochs, args.lr, args.batch_size,
+                              temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                              max_questions=args.max_questions, config_source=source)
+    last = meta["history"][-1]
+    print(f"reranker: {meta['questions']} questions x {meta['samples']} samples, {meta['positives']} correct; "
+          f"epoch {last['epoch']}: loss {last['reranker/epoch_loss']:.4f}, "
+          f"train accuracy {last['reranker/train_accuracy']:.1f}% -> {args.out}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    import os
+
+    from cluster.report import write_report
+
+    out = args.out or Path(os.path.commonpath([d.resolve() for d in args.run_dirs])) / "report"
+    written = write_report(args.run_dirs, out)
+    print(written["report"].read_text())
+    print("wrote " + ", ".join(str(p) for p in written.values()))
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from experiments.datasets import DATASETS
+
     parser = argparse.ArgumentParser(prog="reft", description="ReFT: reinforced fine-tuning for math reasoning, on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -158,6 +216,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the placement plan and the resolved config; start nothing")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rl.questions_per_step=16 rollout.num_actors=2")
     p.set_defaults(func=cmd_train)
+
+    def sampling_options(p, samples_help: str):
+        """What eval and train-reranker share: the model, its run config, how to sample."""
+        p.add_argument("--checkpoint", type=Path, required=True, help="a Hugging Face model directory, e.g. <run>/sft/epoch-2")
+        p.add_argument("--cot-kind", choices=["ncot", "pcot"], default=None, help="default: the run config's")
+        p.add_argument("--samples", type=_positive_int, default=100, help=samples_help)
+        p.add_argument("--temperature", type=_positive_float, default=1.0, help="sampling temperature (paper: 1.0)")
+        p.add_argument("--max-new-tokens", type=_positive_int, default=None, help="default: the config's rl.max_new_tokens")
+        p.add_argument("--max-questions", type=_positive_int, default=None, help="only the first N questions (quick runs)")
+        p.add_argument("--config", type=Path, default=None,
+                       help="run config (default: config.yaml in the checkpoint or its two parent directories)")
+        p.add_argument("overrides", nargs="*", help="dotted overrides of the run config, e.g. rollout.num_actors=2")
+
+    p = sub.add_parser("eval", help="greedy top-1, majority voting and pass@k over K samples, reranking (vLLM + reward actor)")
+    sampling_options(p, "samples per question for voting and pass@k (paper: 100)")
+    p.add_argument("--dataset", choices=DATASETS, required=True)
+    p.add_argument("--split", choices=["train", "test"], default="test")
+    p.add_argument("--rerank", type=Path, default=None, help="a reranker directory (reft train-reranker): also rerank the samples")
+    p.add_argument("--out", type=Path, default=None, help="default: <checkpoint>/eval-<dataset>")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("train-reranker", help="train a correctness classifier on sampled solutions of the training questions")
+    sampling_options(p, "samples per training question, labelled by the reward actor")
+    p.add_argument("--dataset", choices=DATASETS, default=None, help="default: the run config's")
+    p.add_argument("--out", type=Path, required=True, help="the reranker directory to write")
+    p.add_argument("--epochs", type=_positive_int, default=3, help="passes over the samples (paper: 3)")
+    p.add_argument("--lr", type=_positive_float, default=1e-5, help="AdamW learning rate (the paper's SFT rate)")
+    p.add_argument("--batch-size", type=_positive_int, default=16)
+    p.set_defaults(func=cmd_train_reranker)
+
+    p = sub.add_parser("report", help="Table 2 / Table 4 shaped tables and plots from run directories")
+    p.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", type=Path, default=None, help="default: <common parent of the runs>/report")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

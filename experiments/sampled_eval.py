@@ -1,0 +1,348 @@
+"""Sampling-based evaluation (``reft eval``) and the reranker's training data (``reft train-reranker``).
+
+Both sample through the same actors as the RL stage: a ``RolloutFleet`` of vLLM engines serving
+the checkpoint and the sandboxed reward actor, which judges every sample exactly as the RL
+reward does. The driver only submits, collects and computes (``experiments.voting``).
+
+    reft eval             greedy top-1; K samples per question at temperature T: voting accuracy
+                          with the first k samples (k = 1..K), pass@k, and with --rerank the
+                          accuracy of the reranker's top-rated sample
+    reft train-reranker   K samples per TRAINING question, labelled correct / wrong by the reward
+                          actor, train the reranker (``experiments.reranker``) on them
+
+The paper (Table 4) reports voting and reranking over 100 samples at temperature 1.0.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional, Sequence
+
+from cluster.config import RunConfig
+from cluster.config_io import ConfigError, load_config
+from experiments.records import Example, build_prompt
+
+if TYPE_CHECKING:   # the actors' modules import torch and Ray; the CLI imports this lazily anyway
+    from actors.rollout import Sample
+    from rewards.score import Score
+
+logger = logging.getLogger("reft")
+
+# Request seeds: base + phase offset + question index, so that greedy, evaluation samples and
+# reranker-training samples of one question never share a seed.
+SEED_OFFSETS = {"greedy": 0, "eval": 10_000_000, "reranker": 20_000_000}
+
+
+@dataclasses.dataclass(frozen=True)
+class Scored:
+    """One sample of a question and the reward actor's verdict on it."""
+    sample: "Sample"
+    score: "Score"
+
+
+# ------------------------------------------------------------------------- config and questions
+
+
+def find_run_config(checkpoint: Path) -> Optional[Path]:
+    """The run config a checkpoint was trained under: ``config.yaml`` in the checkpoint itself
+    (RL checkpoints carry one), else in its parent or grandparent (``<run>/sft/epoch-N`` ->
+    ``<run>/config.yaml``)."""
+    for directory in (checkpoint, checkpoint.parent, checkpoint.parent.parent):
+        if (directory / "config.yaml").is_file():
+            return directory / "config.yaml"
+    return None
+
+
+def resolve_config(checkpoint: Path, dataset: Optional[str], cot_kind: Optional[str], config: Optional[Path] = None,
+                   overrides: Sequence[str] = ()) -> tuple[RunConfig, str]:
+    """The run config to evaluate ``checkpoint`` with, and where it came from.
+
+    ``config`` if given, else the checkpoint's run config (``find_run_config``), else the
+    defaults. The synthetic task's questions depend on its generator settings, so evaluating on
+    it needs the run config that generated the training set: with neither, ConfigError.
+    ``data.dataset`` / ``data.cot_kind`` are set to what is evaluated (None: the config's); a
+    train/test file path of the run's own dataset is dropped when another dataset is evaluated.
+    """
+    if not (checkpoint / "config.json").is_file():
+        raise FileNotFoundError(
+            f"--checkpoint {checkpoint}: no config.json, not a Hugging Face model directory (evaluate an "
+            "exported one such as <run>/sft/epoch-N; checkpoints/step-* hold DeepSpeed training states)")
+    source = config or find_run_config(checkpoint)
+    if source is None and dataset in (None, "synthetic"):
+        raise ConfigError(f"--dataset {dataset or 'synthetic (the default)'}: no config.yaml in {checkpoint} or its two parent directories, "
+                          "and no --config; the synthetic questions depend on the run's data.synthetic settings")
+    cfg = load_config(RunConfig, source, overrides)
+    data = cfg.data
+    dataset = dataset or data.dataset
+    same = dataset == data.dataset
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(
+        data, dataset=dataset, cot_kind=cot_kind or data.cot_kind,
+        train_path=data.train_path if same else None, test_path=data.test_path if same else None))
+    return cfg, str(source) if source else "defaults"
+
+
+def load_questions(cfg: RunConfig, split: str, max_questions: Optional[int] = None) -> list[Example]:
+    """The first ``max_questions`` questions of ``cfg.data``'s dataset split (all when None)."""
+    from experiments.datasets import load_dataset
+    d = cfg.data
+    examples = load_dataset(d.dataset, split, d.cot_kind, data_dir=Path(d.data_dir) if d.data_dir else None,
+                            path=d.test_path if split == "test" else d.train_path, synthetic_config=d.synthetic)
+    examples = examples[:max_questions] if max_questions else examples
+    if not examples:
+        raise ConfigError(f"{d.dataset}/{split}: no questions to evaluate")
+    return examples
+
+
+# ------------------------------------------------------------------------- the sampling actors
+
+
+class Sampler:
+    """The vLLM fleet serving one checkpoint plus a reward actor, for the life of a ``with`` block.
+
+    Actor names (``eval-rollout-N``, ``reward-eval``) differ from a training run's, so an
+    evaluation can share a Ray cluster with one.
+    """
+
+    def __init__(self, cfg: RunConfig, checkpoint: Path):
+        from actors.fleet import RolloutFleet
+        from actors.reward import launch
+        from cluster.runtime import init_ray
+
+        self.cfg = cfg
+        init_ray(cfg)
+        self.reward_name = "reward-eval"
+        # Evaluation never moves weights, so the transport is never used: "shm" needs nothing (a
+        # run config's "auto" would otherwise need a run mode's plan to resolve it).
+        rollout = dataclasses.replace(cfg.rollout, model=str(checkpoint), sync="shm")
+        self.fleet = RolloutFleet(rollout, name_prefix="eval-rollout")
+        try:
+            self.reward = launch(cfg.reward, name=self.reward_name)
+        except BaseException:
+            self.fleet.shutdown()
+            raise
+
+    def __enter__(self) -> "Sampler":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def sample(self, examples: Sequence[Example], n: int, temperature: float, max_tokens: int,
+               phase: str) -> list[list[Scored]]:
+        """``n`` scored samples of every question (``[question][i]``, sample order kept).
+
+        Finished requests go to the reward actor chunk by chunk while the rest still decode, as in
+        the RL step; a tqdm bar counts samples.
+        """
+        import ray
+        from tqdm import tqdm
+
+        from actors.reward import RewardItem
+        from actors.rollout import SampleRequest
+
+        seed0 = self.cfg.seed * 1_000_003 + SEED_OFFSETS[phase]
+        requests = [SampleRequest(request_id=f"{phase}-q{i}", prompt=build_prompt(e.question, e.cot_kind), n=n,
+                                  temperature=temperature, max_tokens=max_tokens, seed=seed0 + i)
+                    for i, e in enumerate(examples)]
+        index_of = {r.request_id: i for i, r in enumerate(requests)}
+        timeout = self.cfg.rollout.call_timeout_s
+        self.fleet.submit(requests)
+        pending = []   # (samples, ObjectRef of their scores)
+        with tqdm(total=len(requests) * n, desc=f"{phase} (n={n}, T={temperature:g})", unit="sample") as bar:
+            while self.fleet.num_pending:
+                chunk = self.fleet.poll(timeout_s=timeout)
+                if not chunk:
+                    raise TimeoutError(f"no sample finished in {timeout:.0f} s: {self.fleet.describe()}")
+                items = [RewardItem(s.completion_text, e.answer, e.cot_kind, e.dataset, e.options, e.question)
+                         for s in chunk for e in [examples[index_of[s.request_id]]]]
+                pending.append((chunk, self.reward.score.remote(items)))
+                bar.update(len(chunk))
+        out: list[list[Scored]] = [[] for _ in examples]
+        for chunk, ref in pending:
+            for sample, score in zip(chunk, ray.get(ref, timeout=self.cfg.cluster.call_timeout_s)):
+                out[index_of[sample.request_id]].append(Scored(sample, score))
+        for row in out:
+            row.sort(key=lambda s: s.sample.index)
+        return out
+
+    def close(self) -> None:
+        import ray
+        try:
+            self.fleet.shutdown()
+            ray.get(self.reward.close.remote(), timeout=30)   # stops its sandbox workers
+        finally:
+            ray.kill(self.reward, no_restart=True)
+        deadline = time.monotonic() + 30   # free the name for the next Sampler in this cluster
+        while time.monotonic() < deadline:
+            try:
+                ray.get_actor(self.reward_name)
+            except ValueError:
+                return
+            time.sleep(0.1)
+
+
+# ------------------------------------------------------------------------- reft eval
+
+
+def run_eval(cfg: RunConfig, checkpoint: Path, split: str, samples: int, temperature: float, out: Path,
+             max_new_tokens: Optional[int] = None, max_questions: Optional[int] = None,
+             reranker: Optional[Path] = None, config_source: str = "") -> dict:
+    """Greedy, voting, pass@k and (with ``reranker``) reranking accuracy of ``checkpoint`` on the
+    dataset of ``cfg.data``; writes eval.json, eval.csv, questions.jsonl and voting.png into
+    ``out`` and returns eval.json's content."""
+    from experiments import voting
+
+    start = time.perf_counter()
+    max_tokens = max_new_tokens or cfg.rl.max_new_tokens
+    examples = load_questions(cfg, split, max_questions)
+    if reranker is not None:
+        _check_same_tokenizer(reranker, checkpoint)   # before minutes of sampling
+    with Sampler(cfg, checkpoint) as sampler:
+        greedy = [row[0] for row in sampler.sample(examples, 1, 0.0, max_tokens, "greedy")]
+        sampled = sampler.sample(examples, samples, temperature, max_tokens, "eval")
+
+    answers = [[s.score.answer for s in row] for row in sampled]
+    correct = [[s.score.correct for s in row] for row in sampled]
+    curve = {"k": list(range(1, samples + 1)),
+             "voting_accuracy": voting.voting_curve(answers, correct),
+             "pass_at_k": voting.pass_at_k_curve(correct)}
+    rerank_scores = None
+    if reranker is not None:
+        rerank_scores = score_with_reranker(reranker, sampled)
+        curve["rerank_accuracy"] = voting.rerank_curve(rerank_scores, correct)
+
+    n = len(examples)
+    result = {
+        "checkpoint": str(checkpoint), "dataset": cfg.data.dataset, "split": split, "cot_kind": cfg.data.cot_kind,
+        "config": config_source, "questions": n, "samples": samples, "temperature": temperature,
+        "max_new_tokens": max_tokens,
+        "greedy": {"accuracy": 100.0 * sum(s.score.correct for s in greedy) / n,
+                   "answered": 100.0 * sum(s.score.answer is not None for s in greedy) / n},
+        "sampled": {"accuracy": 100.0 * sum(map(sum, correct)) / (n * samples),
+                    "answered": 100.0 * sum(a is not None for row in answers for a in row) / (n * samples)},
+        "voting": {"k": samples, "accuracy": curve["voting_accuracy"][-1]},
+        "pass_at_k": {"1": curve["pass_at_k"][0], str(samples): curve["pass_at_k"][-1]},
+        "rerank": None if reranker is None else {"reranker": str(reranker), "k": samples,
+                                                 "accuracy": curve["rerank_accuracy"][-1]},
+        "curve": curve,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    write_eval(out, result, examples, greedy, sampled, rerank_scores)
+    return result
+
+
+def score_with_reranker(reranker: Path, sampled: list[list[Scored]]) -> list[list[float]]:
+    """The reranker's logit for every sample (prompt + completion token ids, as sampled)."""
+    from experiments.reranker import Reranker
+    from experiments.tiny_model import load_tokenizer
+    from learner.data import Tokenized
+
+    model = Reranker.load(reranker)
+    tokenizer = load_tokenizer(reranker)
+    flat = [Tokenized(list(s.sample.prompt_token_ids), list(s.sample.completion_token_ids))
+            for row in sampled for s in row]
+    scores = model.score(flat, _pad_id(tokenizer), progress="rerank")
+    width = len(sampled[0])
+    return [scores[q * width:(q + 1) * width] for q in range(len(sampled))]
+
+
+def write_eval(out: Path, result: dict, examples: Sequence[Example], greedy: Sequence[Scored],
+               sampled: Sequence[Sequence[Scored]], rerank_scores: Optional[list[list[float]]]) -> None:
+    """eval.json (the summary), eval.csv (the curves against k), questions.jsonl (per question:
+    every sample's answer and verdict, the vote, the reranker's scores), voting.png."""
+    import pandas as pd
+
+    from cluster.report import plot_voting
+    from experiments.voting import majority_vote, rerank_pick
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    pd.DataFrame(result["curve"]).to_csv(out / "eval.csv", index=False)
+    with open(out / "questions.jsonl", "w", encoding="utf-8") as f:
+        for q, (example, first, row) in enumerate(zip(examples, greedy, sampled)):
+            answers = [s.score.answer for s in row]
+            record = {"id": example.id, "gold": example.answer,
+                      "greedy": {"answer": first.score.answer, "correct": first.score.correct,
+                                 "completion": first.sample.completion_text},
+                      "answers": answers, "correct": [s.score.correct for s in row], "vote": majority_vote(answers)}
+            if rerank_scores is not None:
+                record.update(rerank_scores=rerank_scores[q], rerank_pick=rerank_pick(rerank_scores[q]))
+            f.write(json.dumps(record) + "\n")
+    label = f"{Path(result['checkpoint']).name} ({result['dataset']} {result['cot_kind']})"
+    plot_voting(out / "voting.png", {label: result})
+
+
+def format_eval(result: dict) -> str:
+    """The summary as a small markdown table (percent)."""
+    import pandas as pd
+    k = result["samples"]
+    rows = [("greedy top-1", result["greedy"]["accuracy"]),
+            ("voting@1 (first sample)", result["curve"]["voting_accuracy"][0]),
+            (f"voting@{k}", result["voting"]["accuracy"]),
+            ("pass@1 (mean over samples)", result["pass_at_k"]["1"]),
+            (f"pass@{k}", result["pass_at_k"][str(k)])]
+    if result["rerank"] is not None:
+        rows.append((f"reranking@{k}", result["rerank"]["accuracy"]))
+    frame = pd.DataFrame(rows, columns=["metric", "accuracy (%)"])
+    title = f"{result['checkpoint']} on {result['dataset']}/{result['split']} {result['cot_kind']}, " \
+            f"{result['questions']} questions, T={result['temperature']:g}"
+    return title + "\n" + frame.to_markdown(index=False, floatfmt=".1f")
+
+
+# ------------------------------------------------------------------------- reft train-reranker
+
+
+def run_train_reranker(cfg: RunConfig, checkpoint: Path, out: Path, samples: int, epochs: int, lr: float,
+                       batch_size: int, temperature: float = 1.0, max_new_tokens: Optional[int] = None,
+                       max_questions: Optional[int] = None, config_source: str = "") -> dict:
+    """Sample ``samples`` CoTs per training question from ``checkpoint``, label them with the
+    reward actor, train a reranker initialised from ``checkpoint`` for ``epochs`` and save it in
+    ``out``. Returns the metadata written to ``out/reranker.json``."""
+    from cluster.metrics import MetricsLogger
+    from experiments import reranker as rr
+    from experiments.tiny_model import load_tokenizer
+    from learner.data import Tokenized
+
+    start = time.perf_counter()
+    max_tokens = max_new_tokens or cfg.rl.max_new_tokens
+    examples = load_questions(cfg, "train", max_questions)
+    with Sampler(cfg, checkpoint) as sampler:
+        sampled = sampler.sample(examples, samples, temperature, max_tokens, "reranker")
+    flat = [s for row in sampled for s in row]
+    sequences = [Tokenized(list(s.sample.prompt_token_ids), list(s.sample.completion_token_ids)) for s in flat]
+    labels = [s.score.correct for s in flat]
+
+    model = rr.Reranker.from_checkpoint(str(checkpoint))
+    metrics = MetricsLogger(out / "metrics", tensorboard=False)
+    try:
+        history = rr.train(model, sequences, labels, _pad_id(load_tokenizer(checkpoint)), epochs, lr, batch_size,
+                           seed=cfg.seed, metrics=metrics)
+    finally:
+        metrics.close()
+    meta = {"dataset": cfg.data.dataset, "cot_kind": cfg.data.cot_kind, "config": config_source,
+            "questions": len(examples), "samples": samples, "temperature": temperature, "max_new_tokens": max_tokens,
+            "epochs": epochs, "lr": lr, "batch_size": batch_size, "positives": int(sum(labels)),
+            "history": history, "seconds": round(time.perf_counter() - start, 1)}
+    model.save(out, str(checkpoint), meta)
+    return meta
+
+
+# ------------------------------------------------------------------------- helpers
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def _check_same_tokenizer(reranker: Path, checkpoint: Path) -> None:
+    """The reranker reads the sampler's token ids: both must use one vocabulary."""
+    from experiments.reranker import META_FILE
+    from experiments.tiny_model import load_tokenizer
+    if not (Path(reranker) / META_FILE).is_file():
+        raise FileNotFoundError(f"--rerank {reranker}: no {META_FILE} (not made by reft train-reranker)")
+    if load_tokenizer(reranker).get_vocab() != load_tokenizer(checkpoint).get_vocab():
+        raise ConfigError(f"--rerank {reranker}: its tokenizer differs from the checkpoint's ({checkpoint}); "
+                          "train the reranker from a checkpoint of the same model family")

@@ -1,0 +1,64 @@
+"""``reft eval``, ``reft train-reranker`` and ``reft report`` end to end on CPU with the real
+components: a tiny model warmed up by ``reft sft`` (DeepSpeed learner actor), samples from vLLM
+rollout actors, verdicts from the sandboxed reward actor."""
+import json
+
+import pytest
+
+from cluster.cli import main
+
+SAMPLES, QUESTIONS = 6, 24
+
+
+@pytest.mark.slow
+def test_train_reranker_eval_and_report(tmp_path, ray_local, capsys):
+    # A warm-up short enough for a test whose samples are often right: the smoke task (one
+    # addition) on fewer problems. Each command below starts its own vLLM engine (30-50 s), so
+    # `eval --rerank` (greedy + voting + pass@k + reranking) is the only evaluation.
+    run = tmp_path / "run"
+    assert main(["sft", "--config", "experiments/configs/smoke.yaml", f"out_dir={tmp_path}", "name=run",
+                 "data.synthetic.num_train=256", "sft.epochs=15", "sft.eval_every_epochs=15"]) == 0
+    checkpoint = run / "sft" / "epoch-15"
+    sampling = ["--samples", str(SAMPLES), "--max-new-tokens", "48", "rollout.max_model_len=256"]
+
+    # 1. the reranker: 1 epoch on samples of a few training questions, labelled by the reward actor
+    reranker = tmp_path / "reranker"
+    assert main(["train-reranker", "--checkpoint", str(checkpoint), "--out", str(reranker), "--epochs", "1",
+                 "--max-questions", "16", "--lr", "1e-4", *sampling]) == 0
+    meta = json.loads((reranker / "reranker.json").read_text())
+    assert meta["questions"] == 16 and len(meta["history"]) == 1 and 0 < meta["positives"] < 16 * SAMPLES
+    assert all((reranker / f).is_file() for f in ("config.json", "model.safetensors", "reranker_head.safetensors",
+                                                  "tokenizer.json"))
+
+    # 2. greedy, voting, pass@k and reranking; the synthetic task's settings come from the run's config.yaml
+    assert main(["eval", "--checkpoint", str(checkpoint), "--dataset", "synthetic", "--max-questions",
+                 str(QUESTIONS), "--rerank", str(reranker), *sampling]) == 0
+    out = checkpoint / "eval-synthetic"
+    result = json.loads((out / "eval.json").read_text())
+    assert result["config"] == str(run / "config.yaml") and result["questions"] == QUESTIONS
+    questions = [json.loads(line) for line in open(out / "questions.jsonl")]
+    curve = result["curve"]
+    assert len(questions) == QUESTIONS and curve["k"] == list(range(1, SAMPLES + 1))
+    print({k: v for k, v in result.items() if k != "curve"})
+    assert result["sampled"]["accuracy"] > 0          # the warm-up has learnt something
+    # voting@1 is the first sample's accuracy; pass@1 the mean over all samples; pass@K >= voting@K
+    assert curve["voting_accuracy"][0] == pytest.approx(100 * sum(q["correct"][0] for q in questions) / QUESTIONS)
+    assert curve["pass_at_k"][0] == pytest.approx(result["sampled"]["accuracy"])
+    assert result["pass_at_k"][str(SAMPLES)] == pytest.approx(100 * sum(any(q["correct"]) for q in questions) / QUESTIONS)
+    assert 100 >= result["pass_at_k"][str(SAMPLES)] >= result["voting"]["accuracy"] >= 0
+    # reranking: the top-scored sample's correctness; with one sample there is nothing to choose
+    picked = 100 * sum(q["correct"][q["rerank_pick"]] for q in questions) / QUESTIONS
+    assert result["rerank"]["accuracy"] == pytest.approx(picked)
+    assert curve["rerank_accuracy"][0] == curve["voting_accuracy"][0]
+    assert 0 <= result["rerank"]["accuracy"] <= result["pass_at_k"][str(SAMPLES)]
+    assert (out / "eval.csv").is_file() and (out / "voting.png").stat().st_size > 10_000
+    assert f"reranking@{SAMPLES}" in capsys.readouterr().out
+
+    # 3. the report over the run: Table 2 from the SFT metrics, Table 4 from the evaluation
+    assert main(["report", str(run), "--out", str(tmp_path / "report")]) == 0
+    table4 = (tmp_path / "report" / "table4.csv").read_text()
+    assert "SFT" in table4 and (tmp_path / "report" / "epochs.png").is_file()
+
+    # bad input: exit 2 naming the problem
+    assert main(["eval", "--checkpoint", str(run), "--dataset", "synthetic"]) == 2
+    assert "config.json" in capsys.readouterr().err
