@@ -13,6 +13,7 @@ from typing import Optional
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SYNC_TRANSPORTS = ("shm", "object_store", "nccl", "gloo")
+AUTO_SYNC = "auto"   # rollout.sync in a run config: the run mode picks (cluster.placement)
 VERIFY_MODES = ("both", "checksum", "probe", "off")
 
 
@@ -75,9 +76,9 @@ class RolloutConfig:
     the next actor waits forever without an error (DESIGN §6)."""
 
     num_gpus_per_actor: Optional[float] = None
-    """None = ``tensor_parallel_size`` when the Ray cluster has GPUs, else 0. A fraction (e.g.
-    0.5) lets the engine share a GPU with the learner (local-gpu mode; lower
-    ``gpu_memory_utilization`` to match)."""
+    """For a fleet on its own: None = ``tensor_parallel_size`` when the Ray cluster has GPUs,
+    else 0. ``reft train`` does not read it: the run mode's placement plan gives each actor its
+    resources and bundle (``cluster.placement.actor_options``; 0.5 GPU each in local-gpu)."""
 
     sync: str = "shm"
     """How new weights reach the engines (``actors.weight_sync``):
@@ -85,7 +86,17 @@ class RolloutConfig:
     "object_store": the safetensors bytes through Ray's object store, written to each sampler
     node's /dev/shm: multi-node without shared memory.
     "nccl": broadcast from the learner to the engines' GPU workers (GPU clusters).
-    "gloo": the same broadcast over gloo (CPU, or GPUs without NCCL between the two sides)."""
+    "gloo": the same broadcast over gloo (CPU, or GPUs without NCCL between the two sides).
+    "auto" (``reft train``'s default): the run mode picks, ``cluster.placement``: "shm" in the
+    single-node modes (cpu, local-gpu), "object_store" in cluster mode. A fleet started on its own
+    has no run mode and needs a transport named here (``make_weight_sync`` refuses "auto")."""
+
+    enable_sleep_mode: Optional[bool] = None
+    """GPU only: start vLLM with its sleep mode, so that ``RolloutWorker.sleep`` frees the
+    engine's GPU memory (weights offloaded to CPU RAM, KV cache dropped) while a learner on the
+    same GPU trains. None = the run mode decides (``cluster.placement``: on in local-gpu, where
+    they share the GPU), and off for a fleet on its own. Ignored on CPU: vLLM's CPU platform has
+    no sleep mode (``Platform.is_sleep_mode_available``; vLLM refuses the engine argument there)."""
 
     sync_dir: str = "/dev/shm/reft-weights"
     """Where the shm and object-store transports write versioned weight directories. /dev/shm is
@@ -148,7 +159,7 @@ class RolloutConfig:
         check(self.num_cpus_per_actor >= 0, "num_cpus_per_actor", "must be >= 0")
         check(self.num_gpus_per_actor is None or self.num_gpus_per_actor >= 0, "num_gpus_per_actor",
               "must be >= 0 or None")
-        check(self.sync in SYNC_TRANSPORTS, "sync", f"must be one of {SYNC_TRANSPORTS}")
+        check(self.sync in SYNC_TRANSPORTS + (AUTO_SYNC,), "sync", f"must be one of {SYNC_TRANSPORTS + (AUTO_SYNC,)}")
         check(bool(self.sync_dir), "sync_dir", "must be a directory path")
         check(self.verify in VERIFY_MODES, "verify", f"must be one of {VERIFY_MODES}")
         check(self.probe_tokens >= 1, "probe_tokens", "must be >= 1")
@@ -170,6 +181,11 @@ class RolloutConfig:
 
     def resolved_chunked_prefill(self, on_gpu: bool) -> bool:
         return on_gpu if self.enable_chunked_prefill is None else self.enable_chunked_prefill
+
+    def resolved_sleep_mode(self, on_gpu: bool) -> bool:
+        """Whether the engine starts with vLLM's sleep mode: only on GPU, and only when asked
+        (on CPU vLLM would refuse to start the engine: no sleep mode on that platform)."""
+        return on_gpu and bool(self.enable_sleep_mode)
 
     @property
     def checks_checksums(self) -> bool:

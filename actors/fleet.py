@@ -68,7 +68,7 @@ class _Slot:
 class _Call:
     slot: int
     incarnation: int
-    kind: str                      # start | load | poll | submit
+    kind: str                      # start | load | poll | submit | sleep | wake_up
     deadline: float
 
 
@@ -76,7 +76,14 @@ class RolloutFleet:
     """``cfg.num_actors`` rollout actors behind one request stream (module docstring)."""
 
     def __init__(self, cfg: RolloutConfig, sync: Optional[WeightSync] = None, namespace: str = "reft",
-                 name_prefix: str = "rollout"):
+                 name_prefix: str = "rollout", actor_options: Optional[Callable[[int], dict]] = None):
+        """
+        Args:
+            actor_options: Ray resources and scheduling of slot i's actor (and of its
+                replacements, which go back into the same placement-group bundle): the run's plan,
+                ``cluster.placement.Placement.options("rollout", i)``. None = ``cfg``'s
+                ``num_cpus_per_actor`` / ``num_gpus_per_actor`` wherever Ray finds room.
+        """
         if not ray.is_initialized():
             raise RuntimeError("RolloutFleet needs Ray: call ray.init() (or cluster.runtime.init_ray) first")
         self.cfg = cfg
@@ -86,6 +93,7 @@ class RolloutFleet:
         self._handle: Optional[WeightHandle] = None        # the latest published weights
         self._handle_sync: WeightSync = self.sync          # ... and the transport that published them
         self._remote = ray.remote(RolloutWorker)
+        self._actor_options = actor_options or self._default_options
         self.slots = [_Slot(f"{name_prefix}-{i}") for i in range(cfg.num_actors)]
         self._calls: dict[ray.ObjectRef, _Call] = {}
         self._pending: dict[str, SampleRequest] = {}       # submitted, not yet answered
@@ -202,6 +210,33 @@ class RolloutFleet:
         live = [s for s in self.slots if s.state == "serving"]
         values = ray.get([s.actor.version.remote() for s in live], timeout=self.cfg.call_timeout_s)
         return {s.name: v for s, v in zip(live, values)}
+
+    # ------------------------------------------------------------------ sleep (colocated GPU)
+
+    def sleep(self) -> None:
+        """Put every engine to sleep (``RolloutWorker.sleep``) so that a learner sharing their GPU
+        has its memory: after a rollout phase, with nothing in flight. A no-op for engines
+        without sleep mode (every engine on CPU). An actor found dead is replaced as usual; its
+        replacement starts awake."""
+        self._on_every_engine("sleep")
+
+    def wake_up(self) -> None:
+        """Wake every sleeping engine: before the weight sync that follows the learner's phase
+        (a sleeping engine refuses a load) and before the next generation."""
+        self._on_every_engine("wake_up")
+
+    def _on_every_engine(self, method: str) -> None:
+        if self._pending:
+            raise RuntimeError(f"rollout {method} with {len(self._pending)} requests in flight: the driver "
+                               "sleeps the engines between phases only (rl.max_staleness = 0)")
+        refs = set()
+        for i, slot in enumerate(self.slots):
+            if slot.state in ("serving", "unverified"):
+                ref = getattr(slot.actor, method).remote()
+                refs.add(ref)
+                self._calls[ref] = _Call(i, slot.incarnation, method, time.monotonic() + self._sync_deadline())
+        # An actor that misses the deadline counts as hung and is replaced (``_enforce_deadlines``).
+        self._pump(self._sync_deadline(), until=lambda: not refs & self._calls.keys())
 
     # ------------------------------------------------------------------ state and shutdown
 
@@ -357,16 +392,19 @@ class RolloutFleet:
         """Start a (new) actor in slot ``index``: engine start, then ``_catch_up``."""
         slot = self.slots[index]
         self._wait_name_free(slot.name)
-        num_gpus = self.cfg.num_gpus_per_actor
-        if num_gpus is None:
-            num_gpus = self.cfg.tensor_parallel_size if ray.cluster_resources().get("GPU", 0) > 0 else 0
         slot.actor = self._remote.options(
-            name=slot.name, namespace=self.namespace, num_cpus=self.cfg.num_cpus_per_actor, num_gpus=num_gpus,
+            name=slot.name, namespace=self.namespace, **self._actor_options(index),
             max_restarts=0,   # replacement is ours: it must catch up on weights before serving
         ).remote(self.cfg, slot.name, 0)
         slot.state, slot.polling = "starting", False
         ref = slot.actor.start.remote()
         self._calls[ref] = _Call(index, slot.incarnation, "start", time.monotonic() + self.cfg.start_timeout_s)
+
+    def _default_options(self, index: int) -> dict:
+        num_gpus = self.cfg.num_gpus_per_actor
+        if num_gpus is None:
+            num_gpus = self.cfg.tensor_parallel_size if ray.cluster_resources().get("GPU", 0) > 0 else 0
+        return {"num_cpus": self.cfg.num_cpus_per_actor, "num_gpus": num_gpus}
 
     def _catch_up(self, index: int) -> None:
         """A started actor joins the weight sync and loads the current weights, or serves now if

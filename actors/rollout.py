@@ -29,6 +29,12 @@ tokens. ``update_weights`` closes the admission gate, waits for running requests
 (they keep the old version), loads and verifies the new weights (``actors.weight_sync``), then
 reopens the gate; requests that arrived meanwhile start under the new version.
 
+Sleep (local-gpu mode, where the learner trains on the engine's GPU): ``sleep`` drains running
+requests and puts vLLM to sleep (weights to CPU RAM, KV cache freed); ``wake_up`` brings it
+back. The driver calls them around the learner's phase, and wakes the engines before the weight
+sync (a sleeping engine refuses a load). Engines without sleep mode, all of them on CPU, treat
+both as no-ops.
+
 HF fallback. Only where ``import vllm`` fails, the actor uses ``_HFEngine`` (plain
 ``transformers`` sampling, one sequence at a time): correct but slow. It says so with a
 ``logger.warning`` at start and in every ``health()``; nothing falls back silently.
@@ -138,9 +144,10 @@ class _VllmEngine:
         )
         if cfg.max_num_seqs is not None:
             kwargs["max_num_seqs"] = cfg.max_num_seqs
+        self.sleeps = cfg.resolved_sleep_mode(on_gpu)
         if on_gpu:
             kwargs.update(gpu_memory_utilization=cfg.gpu_memory_utilization,
-                          tensor_parallel_size=cfg.tensor_parallel_size)
+                          tensor_parallel_size=cfg.tensor_parallel_size, enable_sleep_mode=self.sleeps)
             if cfg.tensor_parallel_size > 1:
                 # Worker processes inside this actor's GPU allocation, not Ray actors of their own.
                 kwargs["distributed_executor_backend"] = "mp"
@@ -202,6 +209,15 @@ class _VllmEngine:
         if not await self.llm.reset_prefix_cache():
             raise WeightSyncError("vLLM refused to reset its prefix cache (requests still running?)")
 
+    async def sleep(self) -> None:
+        """Level 1: weights offloaded to CPU RAM, KV cache discarded (its prefix cache with it),
+        so the GPU memory is the learner's until ``wake_up``. Only for an engine started with
+        ``self.sleeps``; the caller drains running requests first."""
+        await self.llm.sleep(level=1)
+
+    async def wake_up(self) -> None:
+        await self.llm.wake_up()
+
     def shutdown(self) -> None:
         self.llm.shutdown()
 
@@ -213,6 +229,7 @@ class _HFEngine:
 
     kind = "hf-fallback"
     block_size = None
+    sleeps = False   # CPU only: nothing to free for a learner
 
     def __init__(self, cfg: RolloutConfig):
         from experiments.tiny_model import load_tokenizer
@@ -321,6 +338,7 @@ class RolloutWorker:
         self._outbox_event = asyncio.Event()
         self._update_lock = asyncio.Lock()
         self._receivers: dict[str, WeightSync] = {}
+        self._asleep = False                 # vLLM sleeping: no generation, no weight load
         self._stats = collections.Counter()
 
     async def start(self) -> dict:
@@ -428,6 +446,9 @@ class RolloutWorker:
         included, must finish within ``sync_timeout_s``.
         """
         self._require_started()
+        if self._asleep:   # the weights are offloaded: a reload would write into freed memory
+            raise WeightSyncError(f"{self.name}: asleep; wake_up() before loading weights version "
+                                  f"{handle.version}", weights_changed=False)
         async with self._update_lock:
             start = time.perf_counter()
             self._gate.clear()
@@ -474,6 +495,42 @@ class RolloutWorker:
         assert isinstance(receiver, NcclBroadcastSync)
         await receiver.join(info, self.engine, self.name)
 
+    # ------------------------------------------------------------------ sleep (colocated GPU)
+
+    async def sleep(self) -> bool:
+        """Free the engine's GPU memory while a learner on the same GPU trains (local-gpu mode):
+        new requests wait, running ones finish, then vLLM sleeps (``_VllmEngine.sleep``). Returns
+        whether it slept.
+
+        A no-op (False) for an engine without sleep mode: on CPU always, because vLLM's CPU
+        platform has none (``RolloutConfig.enable_sleep_mode``) and the learner's memory is the
+        host's RAM anyway; on GPU when ``rollout.enable_sleep_mode`` is false.
+        """
+        self._require_started()
+        if not self.engine.sleeps or self._asleep:
+            return False
+        async with self._update_lock:   # not in the middle of a weight load
+            self._gate.clear()
+            while self._in_flight:
+                await asyncio.sleep(0.005)
+            await self.engine.sleep()
+            self._asleep = True
+            self._stats["sleeps"] += 1
+        return True
+
+    async def wake_up(self) -> bool:
+        """Undo ``sleep``: the engine takes its GPU memory back and serves again. Returns whether
+        it was asleep (False: a no-op, as ``sleep`` was)."""
+        self._require_started()
+        if not self._asleep:
+            return False
+        async with self._update_lock:
+            await self.engine.wake_up()
+            self._asleep = False
+            if self._weights_ok:
+                self._gate.set()
+        return True
+
     # ------------------------------------------------------------------ state
 
     def version(self) -> int:
@@ -488,6 +545,7 @@ class RolloutWorker:
             "fallback_reason": self._fallback_reason,
             "version": self._version,
             "serving": self._gate.is_set(),
+            "asleep": self._asleep,
             "weights_ok": self._weights_ok,
             "in_flight": self._in_flight,
             "queued": len(self._tasks) - self._in_flight,

@@ -420,6 +420,9 @@ class WeightSync(abc.ABC):
 def make_weight_sync(cfg: RolloutConfig, transport: Optional[str] = None) -> WeightSync:
     """The ``WeightSync`` of ``transport`` (default ``cfg.sync``)."""
     transport = transport or cfg.sync
+    if transport == "auto":
+        raise ValueError("rollout.sync = 'auto' is the run mode's to resolve (cluster.placement, "
+                         "PlacementPlan.rollout_config); a fleet on its own needs shm, object_store, nccl or gloo")
     if transport == "shm":
         return SharedMemoryDirSync(cfg)
     if transport == "object_store":

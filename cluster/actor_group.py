@@ -10,10 +10,11 @@ The actor class is a plain class (``learner.worker.LearnerWorker``) following th
     setup()                                                     joins the process group (collective)
 
 Start-up: rank 0 first; it is asked for its node's IP and a free port; ranks 1..M-1 are started
-with that rendezvous; then ``setup`` runs on all ranks at once. Rank r goes into bundle
-``bundle_offset + r`` of the placement group when one is given (cluster mode: one GPU per
-bundle), else wherever Ray finds room (local mode). Actors are named ``{name_prefix}-{rank}`` in
-namespace ``reft`` so that the Ray dashboard and ``ray.get_actor`` find them.
+with that rendezvous; then ``setup`` runs on all ranks at once. Rank r gets the Ray resources and
+scheduling ``options(r)`` says: in a run, the placement plan's (``cluster.placement``: in the GPU
+modes its GPU share and its placement-group bundle), else ``num_cpus_per_actor`` CPUs wherever
+Ray finds room. Actors are named ``{name_prefix}-{rank}`` in namespace ``reft`` so that the Ray
+dashboard and ``ray.get_actor`` find them.
 
 Calls: ``async_run`` / ``async_run_sharded`` return one ObjectRef per rank (the caller waits);
 ``run`` / ``run_sharded`` wait for all of them with a timeout, raise as soon as one rank fails,
@@ -27,8 +28,6 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import ray
 import torch
-from ray.util.placement_group import PlacementGroup
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from torch import Tensor
 
 Method = Union[str, Callable]  # "ppo_update" or LearnerWorker.ppo_update
@@ -74,22 +73,22 @@ class ActorGroup:
         actor_cls: type,
         num_ranks: int,
         cfg: Any,
-        placement_group: Optional[PlacementGroup] = None,
-        bundle_offset: int = 0,
+        options: Optional[Callable[[int], dict]] = None,
         num_cpus_per_actor: float = 0.5,
-        num_gpus_per_actor: float = 0.0,
         name_prefix: str = "learner",
         namespace: str = "reft",
         timeout_s: float = 600.0,
     ):
         """
         Args:
-            num_cpus_per_actor: Ray CPUs reserved per rank. Fractional by default: on a 2-CPU node
-                two actors with num_cpus=1 fill it and the next actor (a rollout, a reward) waits
-                forever without an error (DESIGN §6). This is a scheduling share only; Ray sets
-                OMP_NUM_THREADS=1 for fractional actors.
-            num_gpus_per_actor: 1 per rank on GPU clusters (Ray then shows each actor one GPU);
-                a fraction when ranks share a GPU with vLLM (local-gpu mode).
+            options: rank -> the ``.options(...)`` of its actor besides name and namespace:
+                ``num_cpus``, ``num_gpus``, ``scheduling_strategy`` (a placement-group bundle), as
+                ``cluster.placement.Placement.options("learner", rank)`` gives them. None = only
+                ``num_cpus_per_actor``.
+            num_cpus_per_actor: Ray CPUs reserved per rank without ``options``. Fractional by
+                default: on a 2-CPU node two actors with num_cpus=1 fill it and the next actor (a
+                rollout, a reward) waits forever without an error (DESIGN §6). This is a
+                scheduling share only; Ray sets OMP_NUM_THREADS=1 for fractional actors.
             timeout_s: how long ``run``/``run_sharded``/start-up wait for all ranks.
         """
         if num_ranks < 1:
@@ -102,18 +101,9 @@ class ActorGroup:
         remote_cls = ray.remote(actor_cls)
 
         def start(rank: int, addr: Optional[str], port: Optional[int]):
-            strategy = None
-            if placement_group is not None:
-                strategy = PlacementGroupSchedulingStrategy(
-                    placement_group=placement_group, placement_group_bundle_index=bundle_offset + rank
-                )
-            return remote_cls.options(
-                name=self.names[rank],
-                namespace=namespace,
-                num_cpus=num_cpus_per_actor,
-                num_gpus=num_gpus_per_actor,
-                scheduling_strategy=strategy,
-            ).remote(rank, num_ranks, addr, port, cfg)
+            rank_options = options(rank) if options is not None else {"num_cpus": num_cpus_per_actor}
+            return remote_cls.options(name=self.names[rank], namespace=namespace, **rank_options).remote(
+                rank, num_ranks, addr, port, cfg)
 
         self.actors = []
         try:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 from cluster.config_io import ConfigError
-from actors.config import RolloutConfig
+from actors.config import AUTO_SYNC, RolloutConfig
 from experiments.synthetic import SyntheticConfig
 from experiments.tiny_model import TinyModelConfig
 from learner.config import LR_SCHEDULES, LearnerConfig
@@ -157,9 +157,11 @@ class ClusterConfig:
     num_learners: int = 1
     """DeepSpeed data-parallel ranks (one Ray actor each)."""
     learner_cpus: float = 1.0
-    """CPUs reserved per learner actor. Ray caps a fractional-CPU actor's torch threads at 1."""
-    learner_gpus: float = 0.0
-    """GPUs per learner actor (1 on GPU machines)."""
+    """CPUs reserved per learner actor in cpu mode (the GPU modes' plan gives each rank one CPU and
+    its GPU share, ``cluster.placement``). Ray caps a fractional-CPU actor's torch threads at 1."""
+    placement_timeout_s: float = 300.0
+    """How long the GPU modes wait for their placement group's resources (Ray keeps an unsatisfiable
+    group pending forever; an autoscaling cluster may take minutes to add GPU nodes)."""
     dashboard: bool = True
     """Start the Ray dashboard (127.0.0.1:8265) with a local cluster."""
     call_timeout_s: float = 1800.0
@@ -170,6 +172,8 @@ class ClusterConfig:
             raise ValueError(f"cluster.mode must be one of {list(RUN_MODES)}, got {self.mode!r}")
         if self.num_learners < 1:
             raise ValueError(f"cluster.num_learners must be >= 1, got {self.num_learners}")
+        if not self.placement_timeout_s > 0:
+            raise ValueError(f"cluster.placement_timeout_s must be > 0, got {self.placement_timeout_s}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,8 +190,9 @@ class RunConfig:
     learner: LearnerConfig = LearnerConfig(model=TINY)
     sft: SFTConfig = SFTConfig()
     rl: RLConfig = RLConfig()
-    rollout: RolloutConfig = RolloutConfig(model=TINY)
-    """The vLLM samplers; rollout.model is set to the warm-up checkpoint by the driver."""
+    rollout: RolloutConfig = RolloutConfig(model=TINY, sync=AUTO_SYNC)
+    """The vLLM samplers; rollout.model is set to the warm-up checkpoint by the driver, and
+    rollout.sync (auto) and rollout.enable_sleep_mode (null) by the run mode's plan."""
     reward: RewardConfig = RewardConfig()
     cluster: ClusterConfig = ClusterConfig()
 

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from cluster.actor_group import ActorGroup
 from cluster.config import RunConfig
 from cluster.metrics import MetricsLogger, summary_line
+from cluster.placement import Placement, place
 from cluster.runtime import init_ray, load_splits, make_run_dir, prepare_model
 from experiments.evaluate import greedy_accuracy, hf_greedy
 from experiments.records import Example
@@ -41,10 +42,11 @@ class SFTResult:
     history: list            # per-epoch dicts: epoch, loss, accuracies, seconds
 
 
-def start_learners(cfg: RunConfig, learner_cfg) -> ActorGroup:
-    c = cfg.cluster
-    return ActorGroup(LearnerWorker, c.num_learners, learner_cfg, num_cpus_per_actor=c.learner_cpus,
-                      num_gpus_per_actor=c.learner_gpus, name_prefix="learner", timeout_s=c.call_timeout_s)
+def start_learners(cfg: RunConfig, learner_cfg, placement: Placement) -> ActorGroup:
+    """The DeepSpeed ranks, each with the resources and bundle ``placement`` gives it."""
+    return ActorGroup(LearnerWorker, cfg.cluster.num_learners, learner_cfg,
+                      options=lambda rank: placement.options("learner", rank), name_prefix="learner",
+                      timeout_s=cfg.cluster.call_timeout_s)
 
 
 def evaluate_checkpoint(path: Path, examples: list[Example], scorer: Scorer, max_new_tokens: int):
@@ -86,9 +88,14 @@ def train_sft(cfg: RunConfig, run_dir: Path, train: list[Example], test: list[Ex
                                       lr_schedule=cfg.sft.lr_schedule, warmup_ratio=cfg.sft.warmup_ratio,
                                       total_steps=total_steps)
 
-    # 2. the learner group (DeepSpeed ranks as Ray actors)
+    # 2. the learner group (DeepSpeed ranks as Ray actors), placed by the run mode's plan
     init_ray(cfg)
-    group = start_learners(cfg, learner_cfg)
+    placement = place(cfg)
+    try:
+        group = start_learners(cfg, learner_cfg, placement)
+    except BaseException:
+        placement.remove()
+        raise
     metrics = MetricsLogger(run_dir / phase, ray_keys=("sft/loss", "eval/test_accuracy"))
     scorer = Scorer(cfg.reward)
     result = SFTResult([], [])
@@ -139,4 +146,5 @@ def train_sft(cfg: RunConfig, run_dir: Path, train: list[Example], test: list[Ex
         metrics.close()
         scorer.close()
         group.kill()
+        placement.remove()
     return result

@@ -36,6 +36,7 @@ from cluster.config import RunConfig
 from cluster.config_io import ConfigError, dump_yaml
 from cluster.experience import add_advantages, rollout_batch
 from cluster.metrics import MetricsLogger, read_metrics, summary_line
+from cluster.placement import place, plan_placement
 from cluster.report import plot_curves, write_results
 from cluster.runtime import init_ray, load_splits, make_run_dir, prepare_model
 from cluster.schedule import TrainState, next_questions
@@ -69,9 +70,18 @@ class ReFTTrainer:
         # The reference model is only needed for the KL penalty.
         self.with_reference = cfg.rl.kl_coef_for(self.kind) > 0
         learner_cfg = dataclasses.replace(cfg.learner, model=warmup, with_reference=self.with_reference)
-        self.learners = start_learners(cfg, learner_cfg)                        # DeepSpeed ranks
-        self.fleet = RolloutFleet(dataclasses.replace(cfg.rollout, model=warmup))  # vLLM engines
-        self.reward = launch_reward(cfg.reward, name="reward-0")                 # sandboxed scoring
+        # Where the actors go (cluster.mode); in local-gpu the engines sleep while the learner trains.
+        self.placement = place(cfg)
+        self.colocate = self.placement.plan.colocate
+        rollout_cfg = self.placement.plan.rollout_config(dataclasses.replace(cfg.rollout, model=warmup))
+        try:
+            self.learners = start_learners(cfg, learner_cfg, self.placement)                       # DeepSpeed ranks
+            self.fleet = RolloutFleet(rollout_cfg, actor_options=lambda i: self.placement.options("rollout", i))
+            self.reward = launch_reward(cfg.reward, name="reward-0",                               # sandboxed scoring
+                                        num_cpus=self.placement.options("reward")["num_cpus"])
+        except BaseException:
+            self.placement.remove()   # frees the GPUs of whatever started in it
+            raise
         self.adv_cfg = AdvantageConfig(gamma=cfg.rl.gamma, lam=cfg.rl.lam, whiten=cfg.rl.whiten_advantages)
         from experiments.tiny_model import load_tokenizer
         self.pad_id = load_tokenizer(warmup).pad_token_id
@@ -85,6 +95,8 @@ class ReFTTrainer:
         indices = next_questions(state, len(self.train_set), rl.questions_per_step, cfg.seed)          # 1
         samples, scores = self.rollout_and_score(indices, state.step)                                # 2, 3
         timing["timing/rollout_s"] = time.perf_counter() - t0
+        if self.colocate:
+            self.fleet.sleep()      # local-gpu: the learner gets vLLM's GPU memory for steps 4-6
 
         t = time.perf_counter()
         batch = rollout_batch([s.prompt_token_ids for s in samples], [s.completion_token_ids for s in samples],
@@ -100,6 +112,8 @@ class ReFTTrainer:
         timing["timing/learner_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
+        if self.colocate:
+            self.fleet.wake_up()    # before the sync: a sleeping engine refuses a weight load
         state.version += 1
         self.fleet.update_weights(self.learners.run(LearnerWorker.export_weights)[0], state.version)  # 7
         timing["timing/sync_s"] = time.perf_counter() - t
@@ -186,6 +200,7 @@ class ReFTTrainer:
             ray.get(self.reward.close.remote(), timeout=30)   # stops its sandbox workers
         finally:
             ray.kill(self.reward)
+            self.placement.remove()
 
 
 RAY_KEYS = ("rl/reward_mean", "rl/train_accuracy", "rl/kl", "learner/entropy", "learner/clipfrac",
@@ -243,13 +258,11 @@ def run_train(cfg: RunConfig, resume: bool = False) -> dict:
     baseline for the same wall time, the results table, the plots. Returns the headline."""
     start = time.perf_counter()
     cfg.validate()
-    # Not wired yet; refusing beats silently training on-policy / on CPU actors.
+    plan_placement(cfg)   # the run mode's own checks (sizes, weight sync, sleep mode) before anything starts
+    # Not wired yet; refusing beats silently training on-policy.
     if cfg.rl.max_staleness != 0:
         raise ConfigError("rl.max_staleness = 1 (generation overlapped with training) is not implemented in the "
                           "driver yet; use 0 (on-policy, the paper's setting)")
-    if cfg.cluster.mode != "cpu":
-        raise ConfigError(f"cluster.mode = {cfg.cluster.mode}: the placement plan is computed and checked "
-                          "(reft train --dry-run) but the driver does not yet place the actors by it; use cpu")
     run_dir = make_run_dir(cfg)
     init_ray(cfg)
     cfg = prepare_model(cfg, run_dir)

@@ -41,3 +41,77 @@ def test_cluster_mode_one_bundle_per_rank_and_engine():
     assert "placement group (PACK)" in plan.describe()
     with pytest.raises(ConfigError, match=r"needs 8 GPUs .* the Ray cluster has 4"):
         plan_placement(cfg, {"CPU": 64, "GPU": 4})
+
+
+@pytest.mark.parametrize("learners, engines, tp", [(1, 1, 1), (2, 1, 1), (4, 2, 2), (8, 4, 1)])
+def test_cluster_plans_of_several_sizes_fit_exactly_their_gpus(learners, engines, tp):
+    cfg = _cfg("cluster.mode=cluster", f"cluster.num_learners={learners}", f"rollout.num_actors={engines}",
+               f"rollout.tensor_parallel_size={tp}", "sft.batch_size=48", "rl.questions_per_step=32")
+    gpus = learners + engines * tp
+    plan = plan_placement(cfg, {"CPU": 64, "GPU": gpus})
+    assert len(plan.bundles) == learners + engines and sum(b["GPU"] for b in plan.bundles) == gpus
+    assert plan.learner_bundles == tuple(range(learners))
+    assert plan.rollout_bundles == tuple(range(learners, learners + engines))
+    assert plan.rollout_resources == {"CPU": 1, "GPU": tp} and not plan.colocate
+    with pytest.raises(ConfigError, match=rf"needs {gpus} GPUs \(cluster\.num_learners={learners}, "
+                                          rf"rollout\.num_actors={engines}, rollout\.tensor_parallel_size={tp}\)"):
+        plan_placement(cfg, {"CPU": 64, "GPU": gpus - 1})
+
+
+def test_local_gpu_refuses_what_one_gpu_cannot_do():
+    for override, key in (("rollout.num_actors=2", r"rollout\.num_actors=1 \(got 2\)"),
+                          ("rollout.tensor_parallel_size=2", r"rollout\.tensor_parallel_size=1 \(got 2\)"),
+                          ("rl.max_staleness=1", r"rl\.max_staleness=0 \(got 1\)")):
+        with pytest.raises(ConfigError, match=key):
+            plan_placement(_cfg("cluster.mode=local-gpu", "rollout.gpu_memory_utilization=0.4", override))
+    with pytest.raises(ConfigError, match=r"needs 1 GPUs .* the Ray cluster has 0"):
+        plan_placement(_cfg("cluster.mode=local-gpu", "rollout.gpu_memory_utilization=0.4"), {"CPU": 8})
+
+
+@pytest.mark.parametrize("mode, transport", [("cpu", "shm"), ("local-gpu", "shm"), ("cluster", "object_store")])
+def test_weight_sync_auto_follows_the_mode(mode, transport):
+    cfg = _cfg(f"cluster.mode={mode}", "rollout.gpu_memory_utilization=0.4")
+    assert cfg.rollout.sync == "auto"   # reft train's default: the run mode picks
+    plan = plan_placement(cfg)
+    assert plan.weight_sync == transport and plan.rollout_config(cfg.rollout).sync == transport
+    assert f"weight sync: {transport}" in plan.describe()
+
+
+def test_weight_sync_choices_the_mode_cannot_run_are_refused():
+    with pytest.raises(ConfigError, match=r"rollout\.sync = nccl needs GPUs and cluster\.mode = cpu"):
+        plan_placement(_cfg("rollout.sync=nccl"))
+    with pytest.raises(ConfigError, match=r"rollout\.sync = shm .* cluster\.mode = cluster .*\(object_store\)"):
+        plan_placement(_cfg("cluster.mode=cluster", "rollout.sync=shm"))
+    # A named transport the mode can run is kept as given.
+    assert plan_placement(_cfg("cluster.mode=cluster", "rollout.sync=gloo")).weight_sync == "gloo"
+    assert plan_placement(_cfg("cluster.mode=cluster", "rollout.sync=nccl")).weight_sync == "nccl"
+
+
+def test_auto_is_not_a_transport_outside_a_run():
+    from actors.config import RolloutConfig
+    from actors.weight_sync import make_weight_sync
+    with pytest.raises(ValueError, match=r"rollout\.sync = 'auto' is the run mode's to resolve"):
+        make_weight_sync(RolloutConfig(model="m", sync="auto"))
+
+
+@pytest.mark.parametrize("mode, sleeps", [("cpu", False), ("local-gpu", True), ("cluster", False)])
+def test_vllm_sleeps_exactly_when_colocated(mode, sleeps):
+    cfg = _cfg(f"cluster.mode={mode}", "rollout.gpu_memory_utilization=0.4")
+    plan = plan_placement(cfg)
+    assert plan.sleep_mode == plan.colocate == sleeps
+    assert plan.rollout_config(cfg.rollout).enable_sleep_mode is sleeps
+
+
+def test_sleep_mode_settings():
+    with pytest.raises(ConfigError, match=r"rollout\.enable_sleep_mode = true needs a GPU"):
+        plan_placement(_cfg("rollout.enable_sleep_mode=true"))
+    # Colocated without sleeping is allowed (vLLM then keeps its share of the GPU throughout).
+    plan = plan_placement(_cfg("cluster.mode=local-gpu", "rollout.gpu_memory_utilization=0.4",
+                               "rollout.enable_sleep_mode=false"))
+    assert plan.colocate and not plan.sleep_mode
+    # The engine's own guard: never on CPU, whatever the config says (vLLM has no CPU sleep mode).
+    from actors.config import RolloutConfig
+    for wanted in (None, False, True):
+        assert RolloutConfig(model="m", enable_sleep_mode=wanted).resolved_sleep_mode(on_gpu=False) is False
+    assert RolloutConfig(model="m", enable_sleep_mode=True).resolved_sleep_mode(on_gpu=True) is True
+    assert RolloutConfig(model="m").resolved_sleep_mode(on_gpu=True) is False   # a fleet on its own

@@ -229,6 +229,19 @@ def test_two_actors_serve_one_stream_each_request_once_and_short_ones_first(flee
     assert {s.actor for s in samples} == {"rollout-0", "rollout-1"}
 
 
+@pytest.mark.slow
+def test_sleep_and_wake_up_are_no_ops_on_cpu_engines(fleet, examples):
+    """The driver's calls around the learner phase (local-gpu mode) reach every engine; vLLM's
+    CPU engines have no sleep mode, so they keep serving. Sleeping mid-rollout is refused."""
+    fleet.sleep()
+    assert [h["asleep"] for h in fleet.health()] == [False, False]
+    fleet.wake_up()
+    fleet.submit([SampleRequest("during-sleep", prompts(examples, 1)[0], max_tokens=4, seed=0)])
+    with pytest.raises(RuntimeError, match="rollout sleep with 1 requests in flight"):
+        fleet.sleep()
+    assert [s.request_id for s in fleet.stream(timeout_s=60)] == ["during-sleep"]
+
+
 # ------------------------------------------------------------------------------------ (4)
 
 
@@ -373,6 +386,24 @@ def test_hf_fallback_is_loud_and_serves_with_verified_syncs(model_dir, tokenizer
             await worker.update_weights(bad)
         assert (await worker.health())["serving"] is False   # unverified weights: serve nothing
         sync.close()
+
+    asyncio.run(scenario())
+
+
+def test_sleep_is_a_no_op_on_an_engine_without_sleep_mode(model_dir, examples, monkeypatch):
+    """``sleep``/``wake_up`` answer False and leave the engine serving where there is no sleep
+    mode (the HF engine here, every engine on CPU), even with ``enable_sleep_mode`` asked for."""
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    cfg = RolloutConfig(model=model_dir, max_model_len=512, enable_sleep_mode=True)
+
+    async def scenario():
+        worker = RolloutWorker(cfg, "rollout-hf")
+        await worker.start()
+        assert await worker.sleep() is False and await worker.wake_up() is False
+        health = await worker.health()
+        assert health["serving"] and not health["asleep"] and "sleeps" not in health
+        samples = await worker.generate([SampleRequest("a", prompts(examples, 1)[0], max_tokens=3, seed=0)], 60)
+        assert samples[0].finish_reason in ("stop", "length")
 
     asyncio.run(scenario())
 
