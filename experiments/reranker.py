@@ -113,9 +113,11 @@ class Reranker(nn.Module):
 def train(model: Reranker, sequences: Sequence[Tokenized], labels: Sequence[bool], pad_id: int, epochs: int,
           lr: float, batch_size: int, seed: int = 0, metrics=None) -> list[dict]:
     """Binary cross-entropy on (sequence, correct?) pairs, AdamW, gradient clipping at 1.0 (as the
-    policy's training); shuffled each epoch with ``seed``. Returns one record per epoch (mean
-    loss, accuracy of sigmoid > 0.5 on the training samples, positive rate); ``metrics`` (a
-    ``cluster.metrics.MetricsLogger``) also gets every step's loss."""
+    policy's training); shuffled each epoch with ``seed``. Returns one record per epoch: mean
+    loss, the accuracy of "sigmoid > 0.5" on each batch before its update (a running figure, as
+    the loss; no extra pass) and the share of correct samples (the accuracy of always guessing
+    "wrong" is 100 minus it). ``metrics`` (a ``cluster.metrics.MetricsLogger``) also gets every
+    step's loss."""
     from tqdm import tqdm
     if len(sequences) != len(labels) or not sequences:
         raise ValueError(f"need one label per sequence and at least one, got {len(sequences)} and {len(labels)}")

@@ -36,7 +36,7 @@ def test_train_reranker_eval_and_report(tmp_path, ray_local, capsys):
     out = checkpoint / "eval-synthetic"
     result = json.loads((out / "eval.json").read_text())
     assert result["config"] == str(run / "config.yaml") and result["questions"] == QUESTIONS
-    questions = [json.loads(line) for line in open(out / "questions.jsonl")]
+    questions = [json.loads(line) for line in (out / "questions.jsonl").read_text().splitlines()]
     curve = result["curve"]
     assert len(questions) == QUESTIONS and curve["k"] == list(range(1, SAMPLES + 1))
     print({k: v for k, v in result.items() if k != "curve"})

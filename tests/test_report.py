@@ -77,7 +77,7 @@ def test_read_run(runs):
     assert a.top1 == {"SFT": 45.0, "ReFT": 52.5}
     assert [e["label"] for e in a.evals] == ["SFT"]
     assert read_run(runs[1]).top1 == {"SFT": 37.0}           # the last epoch's, from the metrics
-    with pytest.raises(FileNotFoundError, match="config.yaml"):
+    with pytest.raises(FileNotFoundError, match=r"config\.yaml"):
         read_run(runs[0] / "sft")
 
 
