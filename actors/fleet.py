@@ -205,6 +205,11 @@ class RolloutFleet:
             raise WeightSyncError(f"weights version {handle.version}: " + " | ".join(errors))
         return reports
 
+    @property
+    def num_restarts(self) -> int:
+        """Actors replaced so far (died, hung or crashed), over all slots."""
+        return sum(s.restarts for s in self.slots)
+
     def versions(self) -> dict[str, int]:
         """The weights version each serving actor reports (asked now, with a timeout)."""
         live = [s for s in self.slots if s.state == "serving"]

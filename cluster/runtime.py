@@ -16,17 +16,23 @@ logger = logging.getLogger("reft")
 
 def init_ray(cfg: RunConfig) -> None:
     """Join the configured Ray cluster, the job's cluster under `ray job submit`, or start a
-    local one that listens on 127.0.0.1 only (dashboard included)."""
+    local one: its dashboard listens on 127.0.0.1 only, and token auth guards the rest.
+
+    Ray 2.60's core gRPC servers (GCS, raylet, workers) bind every interface whatever node IP is
+    asked for (``ray.init`` even turns 127.0.0.1 into the external address), so what protects a
+    cluster we start is Ray's token auth, its default: it stays on unless the user set
+    RAY_AUTH_MODE. A cluster we join keeps its own mode.
+    """
     import ray
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")   # one auth mode for head and clients (DESIGN §6)
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, namespace="reft", log_to_driver=True)
     else:
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
         ray.init(namespace="reft", include_dashboard=cfg.cluster.dashboard, dashboard_host="127.0.0.1",
-                 _node_ip_address="127.0.0.1", log_to_driver=True)
+                 log_to_driver=True)
     logger.info("ray: %s", ray.get_runtime_context().gcs_address)
 
 

@@ -36,3 +36,8 @@ def next_questions(state: TrainState, n_train: int, k: int, seed: int) -> list[i
         if state.position >= n_train:
             state.epoch, state.position = state.epoch + 1, 0
     return picked
+
+
+def peek_questions(state: TrainState, n_train: int, k: int, seed: int) -> list[int]:
+    """The indices the next ``next_questions`` call will return, without advancing ``state``."""
+    return next_questions(dataclasses.replace(state), n_train, k, seed)

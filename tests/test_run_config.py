@@ -69,7 +69,6 @@ def test_paper_kl_coefficients_by_cot_kind():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("rl.max_staleness=1", "rl.max_staleness = 1 (generation overlapped with training) is not implemented"),
     ("cluster.mode=local-gpu", "rollout.gpu_memory_utilization <= 0.6"),
     ("rollout.sync=nccl", "rollout.sync = nccl needs GPUs and cluster.mode = cpu has none"),
 ])

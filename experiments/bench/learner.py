@@ -84,7 +84,7 @@ def main(argv=None) -> list[dict]:
     from experiments.synthetic import SyntheticConfig, generate
     from experiments.tiny_model import TinyModelConfig, build_tiny_model, corpus_from_examples
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         train, test = generate(SyntheticConfig())
