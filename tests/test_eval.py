@@ -62,3 +62,24 @@ def test_train_reranker_eval_and_report(tmp_path, ray_local, capsys):
     # bad input: exit 2 naming the problem
     assert main(["eval", "--checkpoint", str(run), "--dataset", "synthetic"]) == 2
     assert "config.json" in capsys.readouterr().err
+
+
+def test_bad_input_exits_2_naming_the_problem(tmp_path, capsys):
+    """Checked before any actor starts."""
+    from experiments.synthetic import SyntheticConfig, generate
+    from experiments.tiny_model import TinyModelConfig, build_tiny_model, corpus_from_examples
+
+    assert main(["eval", "--checkpoint", str(tmp_path), "--dataset", "gsm8k"]) == 2
+    assert "no config.json" in capsys.readouterr().err
+    # an HF model with no run config near it: the synthetic questions cannot be regenerated
+    syn = SyntheticConfig(num_train=8, num_test=2)
+    model = build_tiny_model(tmp_path / "m", corpus_from_examples(generate(syn)[0]),
+                             TinyModelConfig(hidden_size=32, num_layers=1, num_heads=1, num_kv_heads=1,
+                                             intermediate_size=64), syn.max_value)
+    assert main(["eval", "--checkpoint", str(model), "--dataset", "synthetic"]) == 2
+    assert "--config" in capsys.readouterr().err
+    assert main(["train-reranker", "--checkpoint", str(model), "--out", str(tmp_path / "r"),
+                 "--config", "experiments/configs/smoke.yaml", "data.nope=1"]) == 2
+    assert "data.nope" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", "--checkpoint", str(model), "--dataset", "synthetic", "--samples", "0"])
