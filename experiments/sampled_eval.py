@@ -106,6 +106,8 @@ class Sampler:
     evaluation can share a Ray cluster with one.
     """
 
+    REWARD_NAME = "reward-eval"
+
     def __init__(self, cfg: RunConfig, checkpoint: Path):
         from actors.fleet import RolloutFleet
         from actors.reward import launch
@@ -113,13 +115,12 @@ class Sampler:
 
         self.cfg = cfg
         init_ray(cfg)
-        self.reward_name = "reward-eval"
         # Evaluation never moves weights, so the transport is never used: "shm" needs nothing (a
         # run config's "auto" would otherwise need a run mode's plan to resolve it).
         rollout = dataclasses.replace(cfg.rollout, model=str(checkpoint), sync="shm")
         self.fleet = RolloutFleet(rollout, name_prefix="eval-rollout")
         try:
-            self.reward = launch(cfg.reward, name=self.reward_name)
+            self.reward = launch(cfg.reward, name=self.REWARD_NAME)
         except BaseException:
             self.fleet.shutdown()
             raise
@@ -156,8 +157,9 @@ class Sampler:
                 chunk = self.fleet.poll(timeout_s=timeout)
                 if not chunk:
                     raise TimeoutError(f"no sample finished in {timeout:.0f} s: {self.fleet.describe()}")
+                asked = [examples[index_of[s.request_id]] for s in chunk]
                 items = [RewardItem(s.completion_text, e.answer, e.cot_kind, e.dataset, e.options, e.question)
-                         for s in chunk for e in [examples[index_of[s.request_id]]]]
+                         for s, e in zip(chunk, asked)]
                 pending.append((chunk, self.reward.score.remote(items)))
                 bar.update(len(chunk))
         out: list[list[Scored]] = [[] for _ in examples]
@@ -178,7 +180,7 @@ class Sampler:
         deadline = time.monotonic() + 30   # free the name for the next Sampler in this cluster
         while time.monotonic() < deadline:
             try:
-                ray.get_actor(self.reward_name)
+                ray.get_actor(self.REWARD_NAME, namespace="reft")
             except ValueError:
                 return
             time.sleep(0.1)
