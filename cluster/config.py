@@ -79,7 +79,11 @@ class SFTConfig:
 
 
 # Algorithm name -> advantage estimator (``learner.algos``). ReFT is PPO with the value head.
-ALGORITHMS = {"reft": "gae", "grpo": "grpo", "rloo": "rloo"}
+# The paper's baselines (``cluster.baselines``) train with supervised losses: no estimator.
+ALGORITHMS = {"reft": "gae", "grpo": "grpo", "rloo": "rloo", "sft": None, "offline_st": None, "online_st": None}
+# Algorithms whose stage after the warm-up is an SFT run (``cluster.sft.train_sft``), not the RL loop.
+SFT_ALGORITHMS = ("sft", "offline_st")
+OFFLINE_INITS = ("base", "warmup")
 PAPER_KL_COEF = {"ncot": 0.05, "pcot": 0.01}
 
 
@@ -87,9 +91,14 @@ PAPER_KL_COEF = {"ncot": 0.05, "pcot": 0.01}
 class RLConfig:
     algorithm: str = "reft"
     """reft: PPO with the value head on the policy and GAE (the paper). grpo / rloo: critic-free
-    baselines over the samples of one question (set samples_per_question >= 2)."""
+    baselines over the samples of one question (set samples_per_question >= 2). The paper's
+    baselines (``cluster.baselines``): sft (SFT continued from the warm-up on the gold CoTs),
+    offline_st (SFT on the gold CoTs plus the warm-up model's correct samples), online_st (each
+    step: SFT on this step's correct samples and on the same questions' gold CoTs)."""
     epochs: int = 1
-    """Passes over the training questions (the paper runs up to 300 for its 7B models)."""
+    """Passes over the training questions (the paper runs up to 300 for its 7B models). For sft and
+    offline_st: epochs of SFT on their data (the paper's code: 40 for SFT in all, i.e. 38 after a
+    2-epoch warm-up; 20 for offline self-training)."""
     questions_per_step: int = 32
     """Questions sampled per RL step; the step's batch is questions x samples_per_question."""
     samples_per_question: int = 1
@@ -121,6 +130,16 @@ class RLConfig:
     compare_sft: bool = False
     """After RL, continue SFT from the same warm-up for the same wall time and report both (the
     embedded default's "warm-up vs SFT-continued vs ReFT" table)."""
+    offline_samples: int = 100
+    """offline_st: CoTs sampled per training question from the warm-up model, at rl.temperature
+    (paper: 100)."""
+    offline_keep: int = 10
+    """offline_st: at most this many distinct correct CoTs kept per question (paper: 10)."""
+    offline_init: str = "base"
+    """offline_st: the model its SFT starts from. "base" = learner.model before the warm-up, as the
+    paper's code (it retrains the pretrained model on gold + kept CoTs with the warm-up's recipe);
+    "warmup" = continue from the warm-up at a constant sft.lr (cheaper; for models trained from
+    scratch, where "base" would redo the whole warm-up)."""
 
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:
@@ -136,14 +155,28 @@ class RLConfig:
             raise ValueError(f"rl.kl_coef must be >= 0, got {self.kl_coef}")
         if self.max_staleness not in (0, 1):
             raise ValueError(f"rl.max_staleness must be 0 or 1, got {self.max_staleness}")
+        if self.estimator is None and self.max_staleness:
+            raise ValueError(f"rl.max_staleness must be 0 for rl.algorithm={self.algorithm} (the paper's baselines "
+                             f"are on-policy), got {self.max_staleness}")
+        if self.algorithm in SFT_ALGORITHMS and self.compare_sft:
+            raise ValueError(f"rl.compare_sft compares an RL run with SFT for the same time; rl.algorithm="
+                             f"{self.algorithm} is SFT already: set rl.compare_sft=false")
+        for key in ("offline_samples", "offline_keep"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"rl.{key} must be >= 1, got {getattr(self, key)}")
+        if self.offline_init not in OFFLINE_INITS:
+            raise ValueError(f"rl.offline_init must be one of {list(OFFLINE_INITS)}, got {self.offline_init!r}")
         if not (self.temperature > 0 and 0 < self.top_p <= 1):
             raise ValueError(f"rl.temperature must be > 0 and rl.top_p in (0, 1], got {self.temperature}, {self.top_p}")
 
     @property
-    def estimator(self) -> str:
+    def estimator(self) -> Optional[str]:
+        """The advantage estimator; None for the baselines, which take no advantages."""
         return ALGORITHMS[self.algorithm]
 
     def kl_coef_for(self, cot_kind: str) -> float:
+        if self.estimator is None:
+            return 0.0   # the baselines' losses have no KL term (paper's train_rl_sl.py): no reference model
         return PAPER_KL_COEF[cot_kind] if self.kl_coef is None else self.kl_coef
 
 

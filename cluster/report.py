@@ -105,7 +105,8 @@ def plot_voting(path: Path, evals: Mapping[str, Mapping]) -> Path:
 # ---------------------------------------------------------------------------------- reft report
 
 # Row names of the paper's tables. results.json's headline keys are "<name>_acc".
-ALGORITHM_LABELS = {"warmup": "SFT", "sft": "SFT continued", "reft": "ReFT", "grpo": "GRPO", "rloo": "RLOO"}
+ALGORITHM_LABELS = {"warmup": "SFT", "sft": "SFT continued", "reft": "ReFT", "grpo": "GRPO", "rloo": "RLOO",
+                    "offline_st": "Offline-ST", "online_st": "Online-ST"}
 # A run directory's phase folders -> the model they hold (the RL ones get the run's algorithm).
 PHASE_LABELS = {"sft": "SFT", "sft-continued": "SFT continued"}
 RL_PHASES = ("rl", "checkpoints")
@@ -245,8 +246,13 @@ def _plot_rl(records: Sequence[Mapping], offset: float, label: str, color: str, 
     x = [epoch_at[r["step"]] for r in steps]
     window = max(1, len(steps) // 20)
     for ax, key in ((ax_r, "rl/reward_mean"), (ax_tr, "rl/train_accuracy")):
-        smooth = pd.Series([r[key] for r in steps]).rolling(window, min_periods=1).mean()
-        ax.plot(x, smooth, "-", color=color, label=label + (f" (mean of {window} steps)" if window > 1 else ""))
+        # The SFT baselines' records (cluster.baselines) carry rl/epoch but sample nothing.
+        sampled = [(x_i, r[key]) for x_i, r in zip(x, steps) if key in r]
+        if not sampled:
+            continue
+        smooth = pd.Series([v for _, v in sampled]).rolling(window, min_periods=1).mean()
+        ax.plot([x_i for x_i, _ in sampled], smooth, "-", color=color,
+                label=label + (f" (mean of {window} steps)" if window > 1 else ""))
     evals = [r for r in records if "eval/test_accuracy" in r and r["step"] in epoch_at]
     ax_tr.plot([epoch_at[r["step"]] for r in evals], [r["eval/train_accuracy"] for r in evals], "o", color=color, ms=4)
     ax_te.plot([epoch_at[r["step"]] for r in evals], [r["eval/test_accuracy"] for r in evals], "-o", color=color,

@@ -50,7 +50,7 @@ def test_cli_reports_config_errors_without_traceback(capsys):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["rl.algorithm=ppo2"], r"rl\.algorithm must be one of \['grpo', 'reft', 'rloo'\]"),
+    (["rl.algorithm=ppo2"], r"rl\.algorithm must be one of \['grpo', 'offline_st', 'online_st', 'reft', 'rloo', 'sft'\]"),
     (["rl.algorithm=grpo"], r"rl\.samples_per_question must be >= 2 for rl\.algorithm=grpo"),
     (["rl.temperature=0"], r"rl\.temperature must be > 0"),
     (["rl.top_p=1.5"], r"rl\.top_p in \(0, 1\]"),
