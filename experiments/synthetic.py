@@ -63,14 +63,15 @@ class SyntheticConfig:
     operations: tuple[str, ...] = OPERATIONS
     """Which operations steps may use, from ("+", "-", "*", "/"); "/" only ever divides exactly."""
     terse_fraction: float = 0.0
-    """Fraction of TRAINING N-CoTs written tersely: every step in one equation (``so Tom has
-    12 + 7 - 4 = 15 apples.``) instead of one line per step. Real annotations mix granularities
-    (GSM8K's skip steps); the annotator's choice is random, so a question's wording does not tell
-    which style its gold CoT has. A terse line asks for a multi-operation result in one token, which
-    a tiny model can memorise for a training question but not compute for a new one: SFT imitates
-    both styles, while RL, sampling both on the training questions, can learn which one earns the
-    reward (the paper's "learning from multiple CoTs"). 0 = every CoT step by step. Test CoTs and
-    P-CoT programs are always step by step (a program's arithmetic is done by Python)."""
+    """Fraction of TRAINING gold CoTs that skip their working, as human and LLM annotations
+    sometimes do: an N-CoT then does every step in one equation (``So Tom has 12 + 7 - 4 = 15
+    apples.``), a P-CoT returns the answer as a literal (``result = 15``, computed "in the head").
+    Which questions get a terse CoT is random, so a question's wording does not tell. A terse CoT
+    can be memorised for a training question but not carried over to a new one (the tiny model
+    cannot do several operations in one token), while step-by-step working generalises: SFT
+    imitates both, RL sampling both on the training questions can learn which one earns the
+    reward (the paper's "learning from multiple CoTs"). 0 = every CoT works step by step. Test
+    CoTs are always step by step."""
 
     def __post_init__(self):
         # Configs arrive from YAML too: accept a list and store a tuple, so the config stays hashable.
@@ -131,7 +132,8 @@ def generate(cfg: SyntheticConfig, cot_kind: str = "ncot") -> tuple[list[Example
         splits[split] = [
             Example(id=f"synthetic-{split}-{i:06d}", question=p.question, answer=str(p.answer),
                     dataset="synthetic", cot_kind=cot_kind,
-                    cot=p.pcot if cot_kind == "pcot" else p.terse_ncot if is_terse else p.ncot)
+                    cot=(p.terse_pcot if is_terse else p.pcot) if cot_kind == "pcot" else
+                        (p.terse_ncot if is_terse else p.ncot))
             for i, (p, is_terse) in enumerate(zip(problems, terse))]
     train_questions = {e.question for e in splits["train"]}
     assert not any(e.question in train_questions for e in splits["test"]), "train/test share a question"
@@ -197,7 +199,8 @@ class Problem(NamedTuple):
     answer: int
     ncot: str
     pcot: str
-    terse_ncot: str   # the same solution in one equation (SyntheticConfig.terse_fraction)
+    terse_ncot: str   # SyntheticConfig.terse_fraction: every step in one equation
+    terse_pcot: str   # ... and a program that returns the answer as a literal
 
 
 def _operands(op: str, value: int, cfg: SyntheticConfig) -> list[int]:
@@ -260,7 +263,8 @@ def _sample_problem(rng: random.Random, cfg: SyntheticConfig, num_steps: int) ->
     terse = [ncot[0], f"So {holder.name} has {expression} = {value} {items}.", ncot[-1]]
     code += [f"result = {var}", "return result"]
     pcot = pcot_header(question) + "\n".join("    " + line for line in code)
-    return Problem(question, value, "\n".join(ncot), pcot, "\n".join(terse))
+    terse_pcot = pcot_header(question) + f"    result = {value}\n    return result"
+    return Problem(question, value, "\n".join(ncot), pcot, "\n".join(terse), terse_pcot)
 
 
 def _capitalize(text: str) -> str:
