@@ -67,11 +67,13 @@ def run_sft(cfg: RunConfig) -> SFTResult:
 
 
 def train_sft(cfg: RunConfig, run_dir: Path, train: list[Example], test: list[Example], phase: str = "sft",
-              max_seconds: Optional[float] = None) -> SFTResult:
+              max_seconds: Optional[float] = None, epoch_key: str = "epoch") -> SFTResult:
     """SFT from ``cfg.learner.model`` on ``train``. Checkpoints and metrics go to
     ``<run_dir>/<phase>/``. ``max_seconds`` stops training after that much training time (checked
     after each step; the epoch in progress is checkpointed and evaluated): the "SFT continued for
-    the same wall time as RL" baseline. Writes no run config: the caller owns the run directory."""
+    the same wall time as RL" baseline. ``epoch_key`` names the epoch in the per-epoch records
+    ("rl/epoch" when a baseline trains in the RL stage's place, so that runs compare by epoch).
+    Writes no run config: the caller owns the run directory."""
     tokenizer = load_tokenizer(cfg.learner.model)
 
     # 1. tokenize the gold CoTs; drop (and count) the ones longer than max_length
@@ -128,7 +130,7 @@ def train_sft(cfg: RunConfig, run_dir: Path, train: list[Example], test: list[Ex
             ckpt = save_hf_checkpoint(group.run(LearnerWorker.export_weights)[0], cfg.learner.model,
                                       run_dir / phase / f"epoch-{epoch}")
             result.checkpoints.append(ckpt)
-            record = {"epoch": epoch, "step": step, "sft/epoch_loss": sum(losses) / len(losses),
+            record = {epoch_key: epoch, "step": step, "sft/epoch_loss": sum(losses) / len(losses),
                       "sft/epoch_seconds": seconds, "sft/train_seconds": trained_s, "perf/sft_tokens_per_s": tokens / seconds}
             last = epoch == cfg.sft.epochs or out_of_time
             if cfg.sft.eval_every_epochs and (epoch % cfg.sft.eval_every_epochs == 0 or last):

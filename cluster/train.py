@@ -32,7 +32,7 @@ from actors.reward import RewardItem
 from actors.reward import launch as launch_reward
 from actors.rollout import Sample, SampleRequest
 from cluster.actor_group import unshard
-from cluster.config import RunConfig
+from cluster.config import SFT_ALGORITHMS, RunConfig
 from cluster.config_io import ConfigError, dump_yaml
 from cluster.experience import add_advantages, rollout_batch
 from cluster.metrics import MetricsLogger, read_metrics, summary_line
@@ -215,7 +215,8 @@ def total_steps(cfg: RunConfig, n_train: int) -> int:
 def run_rl(cfg: RunConfig, warmup: str, run_dir: Path, train: list[Example], test: list[Example],
            resume: Optional[Path] = None, max_seconds: Optional[float] = None) -> list[dict]:
     """The RL loop; returns the evaluation records. ``max_seconds`` stops it early (wall budget)."""
-    trainer = ReFTTrainer(cfg, warmup, run_dir, train, test)
+    from cluster.baselines import OnlineSTTrainer   # it imports this module
+    trainer = (OnlineSTTrainer if cfg.rl.algorithm == "online_st" else ReFTTrainer)(cfg, warmup, run_dir, train, test)
     history = []
     try:
         if resume is not None:
@@ -278,14 +279,18 @@ def run_train(cfg: RunConfig, resume: bool = False) -> dict:
             warmup = str(train_sft(cfg, run_dir, train, test).checkpoints[-1])
     warm_cfg = dataclasses.replace(cfg, learner=dataclasses.replace(cfg.learner, model=warmup))
 
-    # 2. reinforcement learning from the warm-up
-    history = run_rl(warm_cfg, warmup, run_dir, train, test,
-                     resume=latest_checkpoint(run_dir) if resume else None)
+    # 2. from the warm-up: reinforcement learning, or one of the paper's SFT baselines (cluster.baselines)
+    if cfg.rl.algorithm in SFT_ALGORITHMS:
+        from cluster.baselines import run_sft_stage   # it imports this module
+        history = run_sft_stage(warm_cfg, cfg.learner.model, run_dir, train, test, resume=resume)
+    else:
+        history = run_rl(warm_cfg, warmup, run_dir, train, test,
+                         resume=latest_checkpoint(run_dir) if resume else None)
     series = {cfg.rl.algorithm: read_metrics(run_dir / "rl" / "metrics.jsonl")}
-    # RL's training time: its steps (rollout + learner + sync), not engine start-up or evaluation,
-    # which the SFT baseline's budget does not count either.
+    # The stage's training time: RL's steps (rollout + learner + sync) or the SFT stage's epochs, not
+    # engine start-up or evaluation, which the SFT baseline's budget does not count either.
     rl_seconds = sum(r.get("timing/rollout_s", 0) + r.get("timing/learner_s", 0) + r.get("timing/sync_s", 0)
-                     for r in series[cfg.rl.algorithm])
+                     + r.get("sft/epoch_seconds", 0) for r in series[cfg.rl.algorithm])
 
     # 3. the baseline: SFT continued from the same warm-up for the same wall time
     rows = [{"model": "warm-up (SFT)", "test_accuracy": history[0]["eval/test_accuracy"] if history else None}]
@@ -301,6 +306,10 @@ def run_train(cfg: RunConfig, resume: bool = False) -> dict:
     rows.append({"model": cfg.rl.algorithm, "test_accuracy": history[-1]["eval/test_accuracy"],
                  "train_accuracy": history[-1]["eval/train_accuracy"]})
     headline[f"{cfg.rl.algorithm}_acc"] = rows[-1]["test_accuracy"]
+    # The paper reports each method's best evaluation (its code keeps the best checkpoint).
+    best = max(history, key=lambda r: r["eval/test_accuracy"])
+    headline[f"{cfg.rl.algorithm}_best_test_accuracy"] = best["eval/test_accuracy"]
+    headline[f"{cfg.rl.algorithm}_best_step"] = best["step"]
     headline["wall_seconds"] = round(time.perf_counter() - start, 1)
     table = write_results(run_dir, rows, headline)
     plot_curves(run_dir / "curves.png", series, title=f"{cfg.name}: {cfg.data.dataset} {cfg.data.cot_kind}")

@@ -31,9 +31,10 @@ if TYPE_CHECKING:   # the actors' modules import torch and Ray; the CLI imports 
 
 logger = logging.getLogger("reft")
 
-# Request seeds: base + phase offset + question index, so that greedy, evaluation samples and
-# reranker-training samples of one question never share a seed.
-SEED_OFFSETS = {"greedy": 0, "eval": 10_000_000, "reranker": 20_000_000}
+# Request seeds: base + phase offset + question index, so that greedy, evaluation samples,
+# reranker-training samples and offline self-training's samples (``cluster.baselines``) of one
+# question never share a seed.
+SEED_OFFSETS = {"greedy": 0, "eval": 10_000_000, "reranker": 20_000_000, "self_training": 30_000_000}
 
 
 @dataclasses.dataclass(frozen=True)
