@@ -39,12 +39,15 @@ def rollout_batch(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[
 
 def add_advantages(batch: dict[str, Tensor], scores: Tensor, logprobs: Tensor, values: Tensor,
                    ref_logprobs: Tensor, group_ids: Tensor, estimator: str, kl_coef: float,
-                   adv_cfg: AdvantageConfig) -> tuple[dict[str, Tensor], dict[str, float]]:
+                   adv_cfg: AdvantageConfig, learner_logprobs: Tensor | None = None
+                   ) -> tuple[dict[str, Tensor], dict[str, float]]:
     """The PPO batch (``batch`` + old_logprobs, old_values, advantages, returns) and its metrics.
 
     ``logprobs``/``values`` are the learner's recomputation for the policy that sampled the batch
     (PPO's "old" policy); ``ref_logprobs`` the frozen warm-up model's. The task score sits on the
     last generated token, minus beta * (log pi - log pi_ref) on every generated token (the paper).
+    ``learner_logprobs``: the learner's log-probs of the tokens under its current weights, when
+    ``logprobs`` are the sampler's (a stale batch); the log-prob gap metric compares them.
     """
     mask = batch["response_mask"]
     shaped = shape_rewards(scores, logprobs, ref_logprobs, mask, kl_coef)
@@ -63,7 +66,8 @@ def add_advantages(batch: dict[str, Tensor], scores: Tensor, logprobs: Tensor, v
     }
     if "sampler_logprobs" in batch:
         # Sampler (vLLM) vs learner log-probs of the same tokens under the same weights: the
-        # train/inference mismatch. Near 0 in fp32; grows with bf16 or a stale weight sync.
-        gap = (batch["sampler_logprobs"] - logprobs).abs()
+        # train/inference mismatch. Near 0 in fp32; grows with bf16, a broken weight sync, or
+        # (max_staleness 1) by one update's change of the policy.
+        gap = (batch["sampler_logprobs"] - (logprobs if learner_logprobs is None else learner_logprobs)).abs()
         metrics["rl/sampler_logprob_gap"] = float(masked_mean(gap, mask))
     return ppo_batch, metrics

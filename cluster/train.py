@@ -12,9 +12,12 @@ maths (advantages). One RL step:
     7. sync        the new weights, version v+1, go to every sampler, which proves it loaded them
     8. evaluate    greedy accuracy on the test split every eval_every steps; checkpoint
 
-With ``rl.max_staleness = 1`` step 2 of the next batch runs during steps 4-7 of this one, on the
-weights of version v (one step off-policy); PPO's ratio still uses the learner's recomputed
-log pi_old of the policy that sampled, so the update stays correct.
+With ``rl.max_staleness = 1`` the next batch's questions go to the samplers as soon as this
+batch's samples are in: they decode on the weights of version v while the learner runs steps 4-6,
+and the sync of step 7 waits for them (an actor loads new weights only when its running requests
+are done), so every sample of a batch comes from one version, one behind the learner. For such a
+batch PPO's "old" policy, the one in the ratio and the KL penalty, is the sampler's: its log-probs
+come with the samples (equal to the learner's in fp32, DESIGN §6); the values are the learner's.
 """
 from __future__ import annotations
 
@@ -33,16 +36,17 @@ from actors.reward import launch as launch_reward
 from actors.rollout import Sample, SampleRequest
 from cluster.actor_group import unshard
 from cluster.config import SFT_ALGORITHMS, RunConfig
-from cluster.config_io import ConfigError, dump_yaml
+from cluster.config_io import dump_yaml
 from cluster.experience import add_advantages, rollout_batch
 from cluster.metrics import MetricsLogger, read_metrics, summary_line
 from cluster.placement import place, plan_placement
 from cluster.report import plot_curves, write_results
 from cluster.runtime import init_ray, load_splits, make_run_dir, prepare_model
-from cluster.schedule import TrainState, next_questions
+from cluster.schedule import TrainState, next_questions, peek_questions
 from cluster.sft import start_learners, train_sft
 from experiments.records import Example, build_prompt
 from learner.algos import AdvantageConfig
+from learner.export import save_hf_checkpoint
 from learner.worker import LearnerWorker
 
 logger = logging.getLogger("reft")
@@ -66,6 +70,7 @@ class ReFTTrainer:
 
     def __init__(self, cfg: RunConfig, warmup: str, run_dir: Path, train: list[Example], test: list[Example]):
         self.cfg, self.run_dir, self.train_set, self.test_set = cfg, run_dir, train, test
+        self.warmup = warmup
         self.kind, self.dataset = cfg.data.cot_kind, cfg.data.dataset
         # The reference model is only needed for the KL penalty.
         self.with_reference = cfg.rl.kl_coef_for(self.kind) > 0
@@ -86,6 +91,8 @@ class ReFTTrainer:
         from experiments.tiny_model import load_tokenizer
         self.pad_id = load_tokenizer(warmup).pad_token_id
         self.state = TrainState()
+        self.total_steps = total_steps(cfg, len(train))
+        self.prefetched: Optional[list[int]] = None   # next step's questions, already sampling (max_staleness 1)
         self.metrics = MetricsLogger(run_dir / "rl", ray_keys=RAY_KEYS)
 
     # ---------------------------------------------------------------- one RL step
@@ -93,7 +100,10 @@ class ReFTTrainer:
         cfg, rl, state = self.cfg, self.cfg.rl, self.state
         timing, t0 = {}, time.perf_counter()
         indices = next_questions(state, len(self.train_set), rl.questions_per_step, cfg.seed)          # 1
-        samples, scores = self.rollout_and_score(indices, state.step)                                # 2, 3
+        if self.prefetched != indices:            # on-policy, or the first step (nothing prefetched)
+            self.fleet.submit(sample_requests(self.train_set, indices, state.step, cfg))
+        samples, scores = self.collect_and_score(len(indices) * rl.samples_per_question)            # 2, 3
+        self.prefetched = self.prefetch_next() if rl.max_staleness else None
         timing["timing/rollout_s"] = time.perf_counter() - t0
         if self.colocate:
             self.fleet.sleep()      # local-gpu: the learner gets vLLM's GPU memory for steps 4-6
@@ -102,12 +112,16 @@ class ReFTTrainer:
         batch = rollout_batch([s.prompt_token_ids for s in samples], [s.completion_token_ids for s in samples],
                               self.pad_id, [s.logprobs for s in samples])
         old = unshard(self.learners.run_sharded(LearnerWorker.compute_logprobs_and_values, batch))      # 4
+        behaviour_version = min(s.policy_version for s in samples)
+        # A batch sampled one version ago: PPO's old policy is the sampler's (module docstring).
+        old_logprobs = batch["sampler_logprobs"] if behaviour_version < state.version else old.logprobs
         ref = (unshard(self.learners.run_sharded(LearnerWorker.compute_ref_logprobs, batch))
-               if self.with_reference else old.logprobs)
+               if self.with_reference else old_logprobs)
         group_ids = torch.tensor([request_index(s) for s in samples])
         reward_t = torch.tensor([sc.reward for sc in scores], dtype=torch.float32)
-        ppo_batch, metrics = add_advantages(batch, reward_t, old.logprobs, old.values, ref, group_ids,         # 5
-                                            rl.estimator, rl.kl_coef_for(self.kind), self.adv_cfg)
+        ppo_batch, metrics = add_advantages(batch, reward_t, old_logprobs, old.values, ref, group_ids,         # 5
+                                            rl.estimator, rl.kl_coef_for(self.kind), self.adv_cfg,
+                                            learner_logprobs=old.logprobs)
         update = self.learners.run_sharded(LearnerWorker.ppo_update, ppo_batch)[0]                     # 6
         timing["timing/learner_s"] = time.perf_counter() - t
 
@@ -126,23 +140,34 @@ class ReFTTrainer:
             "rl/train_accuracy": 100.0 * sum(s.correct for s in scores) / n,
             "rl/answered": 100.0 * sum(s.answer is not None for s in scores) / n,
             "rl/epoch": state.epoch + state.position / len(self.train_set),
-            "rl/staleness": float(state.version - 1 - min(s.policy_version for s in samples)),
+            "rl/staleness": float(state.version - 1 - behaviour_version),
+            "rollout/actor_restarts": float(self.fleet.num_restarts),
             "perf/rollout_tokens_per_s": float(batch["response_mask"].sum()) / max(timing["timing/rollout_s"], 1e-9),
             **timing,
         })
         return metrics
 
-    def rollout_and_score(self, indices: list[int], step: int) -> tuple[list[Sample], list]:
-        """Sample and score: each chunk of finished samples goes to the reward actor at once, so
-        scoring overlaps decoding. Returns samples in a fixed order (request, index)."""
-        self.fleet.submit(sample_requests(self.train_set, indices, step, self.cfg))
+    def prefetch_next(self) -> Optional[list[int]]:
+        """max_staleness = 1: send the next step's questions to the samplers now (weights v)."""
+        if self.state.step + 1 >= self.total_steps:
+            return None
+        indices = peek_questions(self.state, len(self.train_set), self.cfg.rl.questions_per_step, self.cfg.seed)
+        self.fleet.submit(sample_requests(self.train_set, indices, self.state.step + 1, self.cfg))
+        return indices
+
+    def collect_and_score(self, expected: int) -> tuple[list[Sample], list]:
+        """The ``expected`` samples of the submitted step. Each chunk of finished samples goes to
+        the reward actor at once, so scoring overlaps decoding. Returns samples in a fixed order
+        (request, index)."""
         pending = []   # (samples, ObjectRef of their scores)
-        while self.fleet.num_pending:
+        got = 0
+        while got < expected:
             chunk = self.fleet.poll(timeout_s=self.cfg.rollout.call_timeout_s)
             if not chunk:
                 raise TimeoutError(f"no rollout finished in {self.cfg.rollout.call_timeout_s:.0f} s: "
                                    f"{self.fleet.describe()}")
             pending.append((chunk, self.score_async(chunk)))
+            got += len(chunk)
         samples, scores = [], []
         for chunk, ref in pending:
             samples += chunk
@@ -182,6 +207,8 @@ class ReFTTrainer:
     def save(self) -> Path:
         path = self.run_dir / "checkpoints" / f"step-{self.state.step:06d}"
         self.learners.run(LearnerWorker.save_checkpoint, str(path), {"train_state": self.state.to_json()})
+        # The policy as an HF model directory too: what `reft eval` and `reft train-reranker` load.
+        save_hf_checkpoint(self.learners.run(LearnerWorker.export_weights)[0], self.warmup, path / "policy")
         dump_yaml(self.cfg, path / "config.yaml")
         (self.run_dir / "checkpoints" / "latest").write_text(path.name)
         return path
@@ -221,7 +248,7 @@ def run_rl(cfg: RunConfig, warmup: str, run_dir: Path, train: list[Example], tes
     try:
         if resume is not None:
             trainer.load(resume)
-        steps = total_steps(cfg, len(train))
+        steps = trainer.total_steps
         start = time.perf_counter()
         if trainer.state.step == 0:
             history.append({"step": 0, **trainer.evaluate_and_log()})
@@ -260,10 +287,6 @@ def run_train(cfg: RunConfig, resume: bool = False) -> dict:
     start = time.perf_counter()
     cfg.validate()
     plan_placement(cfg)   # the run mode's own checks (sizes, weight sync, sleep mode) before anything starts
-    # Not wired yet; refusing beats silently training on-policy.
-    if cfg.rl.max_staleness != 0:
-        raise ConfigError("rl.max_staleness = 1 (generation overlapped with training) is not implemented in the "
-                          "driver yet; use 0 (on-policy, the paper's setting)")
     run_dir = make_run_dir(cfg)
     init_ray(cfg)
     cfg = prepare_model(cfg, run_dir)

@@ -70,7 +70,7 @@ def resolve_config(checkpoint: Path, dataset: Optional[str], cot_kind: Optional[
     if not (checkpoint / "config.json").is_file():
         raise FileNotFoundError(
             f"--checkpoint {checkpoint}: no config.json, not a Hugging Face model directory (evaluate an "
-            "exported one such as <run>/sft/epoch-N; checkpoints/step-* hold DeepSpeed training states)")
+            "exported one: <run>/sft/epoch-N, or an RL step's policy <run>/checkpoints/step-N/policy)")
     source = config or find_run_config(checkpoint)
     if source is None and dataset in (None, "synthetic"):
         raise ConfigError(f"--dataset {dataset or 'synthetic (the default)'}: no config.yaml in {checkpoint} or its two parent directories, "

@@ -64,8 +64,8 @@ class SyntheticConfig:
     """Which operations steps may use, from ("+", "-", "*", "/"); "/" only ever divides exactly."""
     terse_fraction: float = 0.0
     """Fraction of TRAINING gold CoTs that skip their working, as human and LLM annotations
-    sometimes do: an N-CoT then does every step in one equation (``So Tom has 12 + 7 - 4 = 15
-    apples.``), a P-CoT returns the answer as a literal (``result = 15``, computed "in the head").
+    sometimes do: an N-CoT then states the final count without an equation (``So Tom has 15
+    apples.``), a P-CoT returns it as a literal (``result = 15``), both computed "in the head".
     Which questions get a terse CoT is random, so a question's wording does not tell. A terse CoT
     can be memorised for a training question but not carried over to a new one (the tiny model
     cannot do several operations in one token), while step-by-step working generalises: SFT
@@ -199,7 +199,7 @@ class Problem(NamedTuple):
     answer: int
     ncot: str
     pcot: str
-    terse_ncot: str   # SyntheticConfig.terse_fraction: every step in one equation
+    terse_ncot: str   # SyntheticConfig.terse_fraction: the final count without its working
     terse_pcot: str   # ... and a program that returns the answer as a literal
 
 
@@ -227,7 +227,6 @@ def _sample_problem(rng: random.Random, cfg: SyntheticConfig, num_steps: int) ->
     sentences = [rng.choice(START_TEMPLATES).format(name=holder.name, n=value, items=items)]
     ncot = [f"{holder.name} starts with {value} {items}."]
     code = [f"{var} = {value}"]
-    expression, last_op = str(value), None   # the terse CoT's single equation, built step by step
     pronoun_is_clear = True   # the previous sentence named nobody but the holder
     for step in range(num_steps):
         choices = {op: _operands(op, value, cfg) for op in cfg.operations}
@@ -251,16 +250,13 @@ def _sample_problem(rng: random.Random, cfg: SyntheticConfig, num_steps: int) ->
         operand_var = template.operand_var.format(items=items)
         ncot.append(f"{_capitalize(body)}, so {new_holder.name} has {value} {op} {n} = {new_value} {items}.")
         code += [f"{operand_var} = {n}", f"{new_var} = {var} {PYTHON_OPS[op]} {operand_var}"]
-        if op in "*/" and last_op in ("+", "-"):
-            expression = f"({expression})"     # left to right, with the brackets precedence needs
-        expression, last_op = f"{expression} {op} {n}", op
         holder, var, value = new_holder, new_var, new_value
         pronoun_is_clear = not names_other
 
     sentences.append(rng.choice(QUESTION_TEMPLATES).format(items=items, name=holder.name))
     question = " ".join(sentences)
     ncot.append(f"{ANSWER_TRIGGER} {value}")
-    terse = [ncot[0], f"So {holder.name} has {expression} = {value} {items}.", ncot[-1]]
+    terse = [ncot[0], f"So {holder.name} has {value} {items}.", ncot[-1]]
     code += [f"result = {var}", "return result"]
     pcot = pcot_header(question) + "\n".join("    " + line for line in code)
     terse_pcot = pcot_header(question) + f"    result = {value}\n    return result"

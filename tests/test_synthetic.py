@@ -136,12 +136,10 @@ def test_terse_cots_skip_the_working_and_change_nothing_else():
     terse = [e for e in mixed[0] if e.cot.split("\n")[1].startswith("So ")]
     assert 0.4 < len(terse) / len(mixed[0]) < 0.6
     for e in terse:
-        first, equation, trigger = e.cot.split("\n")
-        expression, value = re.fullmatch(r"So [A-Z][a-z]+ has (.+) = (\d+) [a-z]+\.", equation).groups()
-        assert " starts with " in first and trigger == f"{ANSWER_TRIGGER} {e.answer}"
-        # left to right with brackets: Python's integer evaluation (exact "/" only) gives the answer
-        assert int(eval(expression.replace("/", "//"))) == int(value) == int(e.answer)  # our own text
-        assert expression.count("+") + expression.count("-") + expression.count("*") + expression.count("/") >= 1
+        first, statement, trigger = e.cot.split("\n")
+        assert re.fullmatch(r"[A-Z][a-z]+ starts with \d+ [a-z]+\.", first)
+        assert re.fullmatch(rf"So [A-Z][a-z]+ has {e.answer} [a-z]+\.", statement)
+        assert trigger == f"{ANSWER_TRIGGER} {e.answer}"
     programs = generate(terse_cfg, "pcot")
     literal = [e for e in programs[0] if "    result = " + e.answer + "\n" in e.cot]
     assert [e.id for e in literal] == [e.id for e in terse]              # the same questions are terse
