@@ -231,27 +231,15 @@ class OnlineSTTrainer(ReFTTrainer):
                    for _ in range(cfg.learner.ppo_epochs)]
         timing["timing/learner_s"] = time.perf_counter() - t
 
-        t = time.perf_counter()
-        if self.colocate:
-            self.fleet.wake_up()    # before the sync: a sleeping engine refuses a weight load
-        state.version += 1
-        self.fleet.update_weights(self.learners.run(LearnerWorker.export_weights)[0], state.version)  # 6
-        timing["timing/sync_s"] = time.perf_counter() - t
+        timing["timing/sync_s"] = self.sync_weights()                                                  # 6
         state.step += 1
 
         n = len(scores)
-        generated = sum(len(s.completion_token_ids) for s in samples)
         return {
-            "rl/reward_mean": sum(s.reward for s in scores) / n,
-            "rl/train_accuracy": 100.0 * sum(s.correct for s in scores) / n,
-            "rl/answered": 100.0 * sum(s.answer is not None for s in scores) / n,
-            "rl/epoch": state.epoch + state.position / len(self.train_set),
-            "rl/staleness": float(state.version - 1 - min(s.policy_version for s in samples)),
+            **self.sample_metrics(samples, scores, timing),
             "self_training/learned": 100.0 * len(learned) / n,
             "learner/loss": updates[0]["loss"],   # at the weights that sampled the step
             "learner/loss_final_pass": updates[-1]["loss"],   # after ppo_epochs - 1 steps on this batch
             "learner/grad_norm": sum(u["grad_norm"] for u in updates) / len(updates),
             "learner/lr": updates[-1]["lr"],
-            "perf/rollout_tokens_per_s": generated / max(timing["timing/rollout_s"], 1e-9),
-            **timing,
         }

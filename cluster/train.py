@@ -125,27 +125,36 @@ class ReFTTrainer:
         update = self.learners.run_sharded(LearnerWorker.ppo_update, ppo_batch)[0]                     # 6
         timing["timing/learner_s"] = time.perf_counter() - t
 
+        timing["timing/sync_s"] = self.sync_weights()                                                  # 7
+        state.step += 1
+
+        metrics.update({f"learner/{k}": v for k, v in update.items()})
+        metrics.update(self.sample_metrics(samples, scores, timing))
+        return metrics
+
+    def sync_weights(self) -> float:
+        """The learner's weights, as version v+1, to every sampler; returns the seconds it took."""
         t = time.perf_counter()
         if self.colocate:
             self.fleet.wake_up()    # before the sync: a sleeping engine refuses a weight load
-        state.version += 1
-        self.fleet.update_weights(self.learners.run(LearnerWorker.export_weights)[0], state.version)  # 7
-        timing["timing/sync_s"] = time.perf_counter() - t
-        state.step += 1
+        self.state.version += 1
+        self.fleet.update_weights(self.learners.run(LearnerWorker.export_weights)[0], self.state.version)
+        return time.perf_counter() - t
 
-        n = len(scores)
-        metrics.update({f"learner/{k}": v for k, v in update.items()})
-        metrics.update({
-            "rl/reward_mean": float(reward_t.mean()),
+    def sample_metrics(self, samples: list[Sample], scores: list, timing: dict) -> dict:
+        """The step's sampling metrics (after the sync): rewards, accuracy, staleness, rates."""
+        n, state = len(scores), self.state
+        return {
+            "rl/reward_mean": sum(s.reward for s in scores) / n,
             "rl/train_accuracy": 100.0 * sum(s.correct for s in scores) / n,
             "rl/answered": 100.0 * sum(s.answer is not None for s in scores) / n,
             "rl/epoch": state.epoch + state.position / len(self.train_set),
-            "rl/staleness": float(state.version - 1 - behaviour_version),
+            "rl/staleness": float(state.version - 1 - min(s.policy_version for s in samples)),
             "rollout/actor_restarts": float(self.fleet.num_restarts),
-            "perf/rollout_tokens_per_s": float(batch["response_mask"].sum()) / max(timing["timing/rollout_s"], 1e-9),
+            "perf/rollout_tokens_per_s": sum(len(s.completion_token_ids) for s in samples)
+                                         / max(timing["timing/rollout_s"], 1e-9),
             **timing,
-        })
-        return metrics
+        }
 
     def prefetch_next(self) -> Optional[list[int]]:
         """max_staleness = 1: send the next step's questions to the samplers now (weights v)."""

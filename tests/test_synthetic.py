@@ -145,3 +145,16 @@ def test_terse_cots_skip_the_working_and_change_nothing_else():
     assert [e.id for e in literal] == [e.id for e in terse]              # the same questions are terse
     assert all(_run(e.cot) == int(e.answer) for e in programs[0] + programs[1])
     assert programs[1] == generate(CFG, "pcot")[1]
+
+
+def test_equation_only_steps_keep_the_arithmetic_and_drop_the_restated_sentence():
+    restated = generate(CFG, "ncot")[0]
+    short = generate(dataclasses.replace(CFG, restate_steps=False), "ncot")[0]
+    for a, b in zip(restated, short):
+        assert (a.question, a.answer) == (b.question, b.answer)
+        long_lines, short_lines = a.cot.split("\n"), b.cot.split("\n")
+        assert len(long_lines) == len(short_lines) and long_lines[0] == short_lines[0]
+        for long_line, short_line in zip(long_lines[1:-1], short_lines[1:-1]):
+            assert re.fullmatch(r"[A-Z][a-z]+ has \d+ [-+*/] \d+ = \d+ [a-z]+\.", short_line)
+            assert long_line.endswith(", so " + short_line)
+    assert sum(len(e.cot) for e in short) < 0.7 * sum(len(e.cot) for e in restated)
