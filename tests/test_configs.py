@@ -1,6 +1,6 @@
 """The shipped configs: every YAML dry-runs (loads, validates, gets a placement plan); the paper's
 cells carry the paper's hyperparameters and are what their generator writes; the synthetic
-per-algorithm configs stay tiny.yaml apart from their rl section."""
+per-algorithm configs share one task, model, warm-up and learner, apart from their rl section."""
 import dataclasses
 import subprocess
 import sys
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.cli import DEFAULT_CONFIG, main
+from cluster.cli import main
 from cluster.config import ALGORITHMS, RunConfig
 from cluster.config_io import load_config
 
@@ -65,10 +65,10 @@ def test_paper_cells_carry_the_papers_hyperparameters(path, capsys):
 
 
 @pytest.mark.parametrize("path", SYNTHETIC, ids=[p.stem for p in SYNTHETIC])
-def test_synthetic_configs_are_tiny_yaml_with_their_own_rl(path):
-    cfg, tiny = load_config(RunConfig, path), load_config(RunConfig, DEFAULT_CONFIG)
+def test_synthetic_configs_differ_only_in_their_rl(path):
+    cfg, reft = load_config(RunConfig, path), load_config(RunConfig, CONFIGS_DIR / "synthetic" / "reft.yaml")
     assert cfg.rl.algorithm == path.stem and cfg.name == f"synthetic-{path.stem}"
-    assert dataclasses.replace(cfg, name=tiny.name, rl=tiny.rl) == tiny
+    assert dataclasses.replace(cfg, name=reft.name, rl=reft.rl) == reft
 
 
 def test_every_algorithm_has_a_synthetic_config():
