@@ -14,7 +14,8 @@ def test_sft_lowers_loss_and_raises_held_out_accuracy(tmp_path, ray_local):
     cfg = load_config(RunConfig, "experiments/configs/tiny.yaml", [
         f"out_dir={tmp_path}", "name=sft", "data.synthetic.num_train=480", "data.synthetic.num_test=60",
         "data.synthetic.min_steps=1", "data.synthetic.max_steps=1", "data.synthetic.max_operand=9",
-        "data.synthetic.max_value=40", "data.synthetic.operations=['+']", "data.eval_size=60",
+        "data.synthetic.max_value=40", "data.synthetic.operations=['+']", "data.synthetic.terse_fraction=0",
+        "data.synthetic.restate_steps=true", "data.eval_size=60",
         "data.train_eval_size=60", "tiny_model.hidden_size=128", "tiny_model.num_layers=2",
         "sft.epochs=10", "sft.batch_size=32", "sft.eval_every_epochs=1", "sft.eval_max_new_tokens=48",
         "cluster.learner_cpus=1",
