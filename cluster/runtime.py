@@ -31,8 +31,10 @@ def init_ray(cfg: RunConfig) -> None:
         ray.init(address=address, namespace="reft", log_to_driver=True)
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "token")
-        ray.init(namespace="reft", include_dashboard=cfg.cluster.dashboard, dashboard_host="127.0.0.1",
-                 log_to_driver=True)
+        # "local": a new cluster of our own, never a `ray start` head that happens to run here
+        # (plain ray.init() would join it, with its own auth mode and resources).
+        ray.init(address="local", namespace="reft", include_dashboard=cfg.cluster.dashboard,
+                 dashboard_host="127.0.0.1", log_to_driver=True)
     logger.info("ray: %s", ray.get_runtime_context().gcs_address)
 
 
