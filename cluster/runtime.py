@@ -20,8 +20,8 @@ def init_ray(cfg: RunConfig) -> None:
 
     Ray 2.60's core gRPC servers (GCS, raylet, workers) bind every interface whatever node IP is
     asked for (``ray.init`` even turns 127.0.0.1 into the external address), so what protects a
-    cluster we start is Ray's token auth, its default: it stays on unless the user set
-    RAY_AUTH_MODE. A cluster we join keeps its own mode.
+    cluster we start is Ray's token auth, its default for a new local cluster: it stays on unless
+    the user set RAY_AUTH_MODE. A cluster we join keeps its own mode.
     """
     import ray
     if ray.is_initialized():
@@ -30,9 +30,9 @@ def init_ray(cfg: RunConfig) -> None:
     if address:
         ray.init(address=address, namespace="reft", log_to_driver=True)
     else:
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
-        # "local": a new cluster of our own, never a `ray start` head that happens to run here
-        # (plain ray.init() would join it, with its own auth mode and resources).
+        # No RAY_AUTH_MODE set here: Ray reads it at import, and its default for a new local
+        # cluster is token auth, set up in-process. address="local": a cluster of our own, never
+        # a `ray start` head that happens to run here (plain ray.init() would join it).
         ray.init(address="local", namespace="reft", include_dashboard=cfg.cluster.dashboard,
                  dashboard_host="127.0.0.1", log_to_driver=True)
     logger.info("ray: %s", ray.get_runtime_context().gcs_address)
