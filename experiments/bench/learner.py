@@ -77,14 +77,11 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--configs", default="1x2,1x3,2x2,2x3", help="RANKSxZERO_STAGE, comma-separated")
     args = parser.parse_args(argv)
 
-    import os
-
     import ray
 
     from experiments.synthetic import SyntheticConfig, generate
     from experiments.tiny_model import TinyModelConfig, build_tiny_model, corpus_from_examples
 
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         train, test = generate(SyntheticConfig())

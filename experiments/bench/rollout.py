@@ -155,7 +155,6 @@ def main(argv=None) -> dict:
     parser.add_argument("--transports", default="shm,object_store,gloo")
     args = parser.parse_args(argv)
 
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
 
     from actors.config import RolloutConfig
