@@ -62,8 +62,20 @@ def _default(field: dataclasses.Field) -> Any:
     return None
 
 
+@dataclasses.dataclass(frozen=True)
+class _Override:
+    """A command-line value: parsed as YAML (``rl.epochs=3`` is an int), its text kept for string
+    keys, where YAML's reading would be a surprise (``name=off`` is "off", not False)."""
+    text: str
+    value: Any
+
+
 def _convert(tp: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
+    if isinstance(value, _Override):
+        takes_text = tp is str or (origin in (typing.Union, types.UnionType) and str in typing.get_args(tp))
+        scalar = value.value is not None and not isinstance(value.value, (dict, list))
+        value = value.text if takes_text and scalar else value.value
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -112,7 +124,7 @@ def parse_overrides(overrides: Iterable[str]) -> dict:
         key, sep, raw = item.partition("=")
         if not sep or not key or any(not part for part in key.split(".")):
             raise ConfigError(f"override {item!r} is not of the form key.sub=value")
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _Override(raw, yaml.safe_load(raw) if raw.strip() else "")
         node = tree
         parts = key.split(".")
         for part in parts[:-1]:

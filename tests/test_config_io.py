@@ -4,6 +4,7 @@ from typing import Optional
 
 import pytest
 
+from cluster.config import RunConfig
 from cluster.config_io import ConfigError, from_dict, load_config, parse_overrides, to_dict
 
 
@@ -80,3 +81,11 @@ def test_yaml_errors_name_the_file(tmp_path):
     path.write_text("inner:\n  oops: 1\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml: unknown key\(s\) inner\.oops"):
         load_config(Outer, path)
+
+
+def test_string_overrides_keep_their_text():
+    # YAML would read these as a bool, a float and an int; a str key wants the text.
+    cfg = load_config(RunConfig, overrides=["name=off", "out_dir=1e3", "rl.warmup_checkpoint=007"])
+    assert (cfg.name, cfg.out_dir, cfg.rl.warmup_checkpoint) == ("off", "1e3", "007")
+    cfg = load_config(RunConfig, overrides=["rl.warmup_checkpoint=null", "rl.epochs=3", "learner.lr=3e-4"])
+    assert (cfg.rl.warmup_checkpoint, cfg.rl.epochs, cfg.learner.lr) == (None, 3, 3e-4)
