@@ -325,7 +325,8 @@ def run_train(cfg: RunConfig, resume: bool = False) -> dict:
                      + r.get("sft/epoch_seconds", 0) for r in series[cfg.rl.algorithm])
 
     # 3. the baseline: SFT continued from the same warm-up for the same wall time
-    rows = [{"model": "warm-up (SFT)", "test_accuracy": history[0]["eval/test_accuracy"] if history else None}]
+    rows = [{"model": "warm-up (SFT)", "test_accuracy": history[0]["eval/test_accuracy"] if history else None,
+             "train_accuracy": history[0]["eval/train_accuracy"] if history else None}]
     headline = {"warmup_acc": rows[0]["test_accuracy"], "rl_train_seconds": round(rl_seconds, 1)}
     if cfg.rl.compare_sft:
         sft_cfg = dataclasses.replace(warm_cfg, sft=dataclasses.replace(
