@@ -146,3 +146,21 @@ def test_max_staleness_1_overlaps_generation_with_training(smoke_run, tmp_path):
     mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)   # noqa: E731
     assert mean(steps[8:], "rl/reward_mean") > mean(steps[:2], "rl/reward_mean")
     assert headline["reft_acc"] >= 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+def test_critic_free_algorithms_run_the_same_loop(smoke_run, tmp_path, algorithm):
+    """GRPO and RLOO: K samples per question, the baseline from the question's other samples,
+    no value model; the same driver, samplers, reward actor and run directory as ReFT."""
+    from cluster.train import run_train
+
+    cfg = load_config(RunConfig, "experiments/configs/smoke.yaml", rl_overrides(smoke_run, tmp_path, algorithm) + [
+        f"rl.algorithm={algorithm}", "rl.samples_per_question=2"])
+    headline = run_train(cfg)
+    steps = rl_steps(tmp_path / algorithm)
+    assert [r["step"] for r in steps] == list(range(1, 17))          # 512 questions / 32 per step
+    assert all(r["rl/staleness"] == 0 for r in steps)
+    assert f"{algorithm}_acc" in headline and (tmp_path / algorithm / "curves.png").is_file()
+    mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)   # noqa: E731
+    assert mean(steps[8:], "rl/reward_mean") > mean(steps[:2], "rl/reward_mean") - 0.02
