@@ -21,7 +21,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import time
-from typing import Mapping, Optional, Sequence, Union
+from typing import Callable, Mapping, Optional, Sequence, Union
 
 from rewards.sandbox import STATUSES
 from rewards.score import RewardConfig, Score, Scorer, prepare_program
@@ -110,3 +110,36 @@ def launch(cfg: RewardConfig = RewardConfig(), name: str = "reward", namespace: 
                                              max_restarts=1).remote(cfg)
     ray.get(actor.health.remote(), timeout=timeout_s)
     return actor
+
+
+def reward_item(completion: str, example) -> RewardItem:
+    """What the reward actor needs to score ``completion`` as an answer to ``example`` (an
+    ``experiments.records.Example``: gold answer, CoT kind, dataset, MCQ options, question)."""
+    return RewardItem(completion, example.answer, example.cot_kind, example.dataset, example.options,
+                      example.question)
+
+
+def collect_scored(fleet, reward, example_of: Callable, expected: int, poll_timeout_s: float,
+                   get_timeout_s: float, on_chunk: Optional[Callable] = None) -> tuple[list, list[Score]]:
+    """The next ``expected`` samples from a ``RolloutFleet`` and their scores, in arrival order.
+
+    Each chunk of finished samples goes to ``reward`` (a reward actor) at once, so scoring overlaps
+    the decoding of the rest. ``example_of(sample)`` is the question a sample answers;
+    ``on_chunk(samples)`` sees each chunk as it arrives (a progress bar). Raises TimeoutError if no
+    sample finishes for ``poll_timeout_s``.
+    """
+    import ray
+    pending, got = [], 0   # (samples, ObjectRef of their scores)
+    while got < expected:
+        chunk = fleet.poll(timeout_s=poll_timeout_s)
+        if not chunk:
+            raise TimeoutError(f"no rollout finished in {poll_timeout_s:.0f} s: {fleet.describe()}")
+        pending.append((chunk, reward.score.remote([reward_item(s.completion_text, example_of(s)) for s in chunk])))
+        got += len(chunk)
+        if on_chunk is not None:
+            on_chunk(chunk)
+    samples, scores = [], []
+    for chunk, ref in pending:
+        samples += chunk
+        scores += ray.get(ref, timeout=get_timeout_s)
+    return samples, scores

@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from actors.fleet import RolloutFleet
-from actors.reward import RewardItem
+from actors.reward import collect_scored, reward_item
 from actors.reward import launch as launch_reward
 from actors.rollout import Sample, SampleRequest
 from cluster.actor_group import unshard
@@ -61,8 +61,8 @@ def sample_requests(examples: list[Example], indices: list[int], step: int, cfg:
 
 
 def request_index(sample: Sample) -> int:
-    """The example index a request id ``s{step}-q{index}`` / ``eval-{index}`` refers to."""
-    return int(sample.request_id.rsplit("q", 1)[-1] if "-q" in sample.request_id else sample.request_id.split("-")[1])
+    """The training-question index an RL request id ``s{step}-q{index}`` refers to."""
+    return int(sample.request_id.rsplit("-q", 1)[1])
 
 
 class ReFTTrainer:
@@ -165,33 +165,12 @@ class ReFTTrainer:
         return indices
 
     def collect_and_score(self, expected: int) -> tuple[list[Sample], list]:
-        """The ``expected`` samples of the submitted step. Each chunk of finished samples goes to
-        the reward actor at once, so scoring overlaps decoding. Returns samples in a fixed order
-        (request, index)."""
-        pending = []   # (samples, ObjectRef of their scores)
-        got = 0
-        while got < expected:
-            chunk = self.fleet.poll(timeout_s=self.cfg.rollout.call_timeout_s)
-            if not chunk:
-                raise TimeoutError(f"no rollout finished in {self.cfg.rollout.call_timeout_s:.0f} s: "
-                                   f"{self.fleet.describe()}")
-            pending.append((chunk, self.score_async(chunk)))
-            got += len(chunk)
-        samples, scores = [], []
-        for chunk, ref in pending:
-            samples += chunk
-            scores += self.reward_get(ref)
+        """The ``expected`` samples of the submitted step and their scores (scored as they
+        finish, `actors.reward.collect_scored`), in a fixed order: (request, index)."""
+        samples, scores = collect_scored(self.fleet, self.reward, lambda s: self.train_set[request_index(s)],
+                                         expected, self.cfg.rollout.call_timeout_s, self.cfg.cluster.call_timeout_s)
         order = sorted(range(len(samples)), key=lambda i: (request_index(samples[i]), samples[i].index))
         return [samples[i] for i in order], [scores[i] for i in order]
-
-    def score_async(self, samples: list[Sample], examples: Optional[list[Example]] = None):
-        examples = examples or [self.train_set[request_index(s)] for s in samples]
-        return self.reward.score.remote([RewardItem(s.completion_text, e.answer, e.cot_kind, e.dataset, e.options,
-                                                    e.question) for s, e in zip(samples, examples)])
-
-    def reward_get(self, ref):
-        import ray
-        return ray.get(ref, timeout=self.cfg.cluster.call_timeout_s)
 
     # ---------------------------------------------------------------- evaluation
     def evaluate(self, examples: list[Example]) -> dict:
@@ -200,7 +179,9 @@ class ReFTTrainer:
                                   temperature=0.0, max_tokens=self.cfg.rl.max_new_tokens)
                     for i, e in enumerate(examples)]
         samples = self.fleet.generate(requests, timeout_s=self.cfg.rollout.call_timeout_s)   # in request order
-        scores = self.reward_get(self.score_async(samples, examples))
+        import ray
+        scores = ray.get(self.reward.score.remote([reward_item(s.completion_text, e) for s, e in zip(samples, examples)]),
+                         timeout=self.cfg.cluster.call_timeout_s)
         return {"accuracy": 100.0 * sum(s.correct for s in scores) / len(scores),
                 "answered": 100.0 * sum(s.answer is not None for s in scores) / len(scores)}
 

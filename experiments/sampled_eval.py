@@ -139,10 +139,9 @@ class Sampler:
         Finished requests go to the reward actor chunk by chunk while the rest still decode, as in
         the RL step; a tqdm bar counts samples.
         """
-        import ray
         from tqdm import tqdm
 
-        from actors.reward import RewardItem
+        from actors.reward import collect_scored
         from actors.rollout import SampleRequest
 
         seed0 = self.cfg.seed * 1_000_003 + SEED_OFFSETS[phase]
@@ -150,23 +149,14 @@ class Sampler:
                                   temperature=temperature, max_tokens=max_tokens, seed=seed0 + i)
                     for i, e in enumerate(examples)]
         index_of = {r.request_id: i for i, r in enumerate(requests)}
-        timeout = self.cfg.rollout.call_timeout_s
         self.fleet.submit(requests)
-        pending = []   # (samples, ObjectRef of their scores)
         with tqdm(total=len(requests) * n, desc=f"{phase} (n={n}, T={temperature:g})", unit="sample") as bar:
-            while self.fleet.num_pending:
-                chunk = self.fleet.poll(timeout_s=timeout)
-                if not chunk:
-                    raise TimeoutError(f"no sample finished in {timeout:.0f} s: {self.fleet.describe()}")
-                asked = [examples[index_of[s.request_id]] for s in chunk]
-                items = [RewardItem(s.completion_text, e.answer, e.cot_kind, e.dataset, e.options, e.question)
-                         for s, e in zip(chunk, asked)]
-                pending.append((chunk, self.reward.score.remote(items)))
-                bar.update(len(chunk))
+            samples, scores = collect_scored(self.fleet, self.reward, lambda s: examples[index_of[s.request_id]],
+                                             len(requests) * n, self.cfg.rollout.call_timeout_s,
+                                             self.cfg.cluster.call_timeout_s, on_chunk=lambda c: bar.update(len(c)))
         out: list[list[Scored]] = [[] for _ in examples]
-        for chunk, ref in pending:
-            for sample, score in zip(chunk, ray.get(ref, timeout=self.cfg.cluster.call_timeout_s)):
-                out[index_of[sample.request_id]].append(Scored(sample, score))
+        for sample, score in zip(samples, scores):
+            out[index_of[sample.request_id]].append(Scored(sample, score))
         for row in out:
             row.sort(key=lambda s: s.sample.index)
         return out
