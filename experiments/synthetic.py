@@ -49,7 +49,8 @@ class SyntheticConfig:
     """Most operations per training problem. Each step multiplies the ways to go wrong, so 3 keeps
     greedy accuracy after SFT well below 100% without making rewards too rare for RL."""
     test_min_steps: Optional[int] = None
-    """Fewest operations per test problem; None = min_steps."""
+    """Fewest operations per test problem; None = min_steps (kept None, not filled in, so that a config
+    that overrides min_steps moves the test problems with it)."""
     test_max_steps: Optional[int] = None
     """Most operations per test problem; None = max_steps. Set it above max_steps to test generalisation
     to longer problems than any seen in training."""
@@ -81,10 +82,6 @@ class SyntheticConfig:
     def __post_init__(self):
         # Configs arrive from YAML too: accept a list and store a tuple, so the config stays hashable.
         object.__setattr__(self, "operations", tuple(self.operations))
-        if self.test_min_steps is None:
-            object.__setattr__(self, "test_min_steps", self.min_steps)
-        if self.test_max_steps is None:
-            object.__setattr__(self, "test_max_steps", self.max_steps)
 
         def check(ok: bool, field: str, why: str):
             if not ok:
@@ -94,9 +91,9 @@ class SyntheticConfig:
         check(self.num_test >= 1, "num_test", "must be >= 1")
         check(self.min_steps >= 1, "min_steps", "must be >= 1")
         check(self.max_steps >= self.min_steps, "max_steps", f"must be >= min_steps ({self.min_steps})")
-        check(self.test_min_steps >= 1, "test_min_steps", "must be >= 1")
-        check(self.test_max_steps >= self.test_min_steps, "test_max_steps",
-              f"must be >= test_min_steps ({self.test_min_steps})")
+        test_min, test_max = self.test_steps
+        check(test_min >= 1, "test_min_steps", "must be >= 1")
+        check(test_max >= test_min, "test_max_steps", f"must be >= the test problems' fewest steps ({test_min})")
         check(self.max_operand >= 2, "max_operand", "must be >= 2 (operands are drawn from [2, max_operand])")
         check(self.max_value >= 2 * self.max_operand, "max_value",
               f"must be >= 2 * max_operand ({2 * self.max_operand}) so that every step has room")
@@ -104,6 +101,13 @@ class SyntheticConfig:
         check(len(self.operations) > 0, "operations", "must name at least one operation")
         check(set(self.operations) <= set(OPERATIONS) and len(set(self.operations)) == len(self.operations),
               "operations", f"must be distinct members of {OPERATIONS}")
+
+
+    @property
+    def test_steps(self) -> tuple[int, int]:
+        """(fewest, most) operations per test problem, the train range where not set."""
+        return (self.min_steps if self.test_min_steps is None else self.test_min_steps,
+                self.max_steps if self.test_max_steps is None else self.test_max_steps)
 
 
 def generate(cfg: SyntheticConfig, cot_kind: str = "ncot") -> tuple[list[Example], list[Example]]:
@@ -119,7 +123,7 @@ def generate(cfg: SyntheticConfig, cot_kind: str = "ncot") -> tuple[list[Example
     seen: set[str] = set()
     splits = {}
     for split, size, min_steps, max_steps in (("train", cfg.num_train, cfg.min_steps, cfg.max_steps),
-                                              ("test", cfg.num_test, cfg.test_min_steps, cfg.test_max_steps)):
+                                              ("test", cfg.num_test, *cfg.test_steps)):
         problems: list[Problem] = []
         attempts = 0
         while len(problems) < size:

@@ -118,7 +118,20 @@ def test_config_errors_name_the_field(field, value):
 
 def test_test_steps_default_to_the_train_steps():
     cfg = SyntheticConfig(min_steps=2, max_steps=4)
-    assert (cfg.test_min_steps, cfg.test_max_steps) == (2, 4)
+    assert cfg.test_steps == (2, 4)
+
+
+def test_config_file_that_sets_train_steps_moves_the_test_steps(tmp_path):
+    # A YAML section given in part is merged into the default section; the default must not carry
+    # test steps resolved from the default train steps (1-3), or a 2-step task is tested on 1-3 steps.
+    from cluster.config import RunConfig
+    from cluster.config_io import load_config
+    path = tmp_path / "run.yaml"
+    path.write_text("data:\n  synthetic:\n    num_train: 50\n    num_test: 30\n    min_steps: 2\n    max_steps: 2\n")
+    cfg = load_config(RunConfig, path).data.synthetic
+    assert cfg.test_steps == (2, 2)
+    _, test = generate(cfg)
+    assert {len(_equations(e.cot)) for e in test} == {2}
 
 
 def test_impossible_config_says_so():
