@@ -271,6 +271,17 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
     return run_dir / "checkpoints" / marker.read_text().strip() if marker.exists() else None
 
 
+def result_row(model: str, history: list[dict]) -> dict:
+    """A results-table row: the last evaluation's test and train accuracy, and the best test
+    accuracy of all evaluations (the paper reports the best checkpoint)."""
+    evals = [r for r in history if "eval/test_accuracy" in r]
+    if not evals:
+        return {"model": model, "test_accuracy": None, "best_test_accuracy": None, "train_accuracy": None}
+    return {"model": model, "test_accuracy": evals[-1]["eval/test_accuracy"],
+            "best_test_accuracy": max(r["eval/test_accuracy"] for r in evals),
+            "train_accuracy": evals[-1].get("eval/train_accuracy")}
+
+
 def run_train(cfg: RunConfig, resume: bool = False) -> dict:
     """The whole ReFT pipeline of one config: warm-up, RL, (optionally) the SFT-continued
     baseline for the same wall time, the results table, the plots. Returns the headline."""
@@ -306,24 +317,21 @@ def run_train(cfg: RunConfig, resume: bool = False) -> dict:
                      + r.get("sft/epoch_seconds", 0) for r in series[cfg.rl.algorithm])
 
     # 3. the baseline: SFT continued from the same warm-up for the same wall time
-    rows = [{"model": "warm-up (SFT)", "test_accuracy": history[0]["eval/test_accuracy"] if history else None,
-             "train_accuracy": history[0]["eval/train_accuracy"] if history else None}]
+    rows = [result_row("warm-up (SFT)", history[:1])]
     headline = {"warmup_acc": rows[0]["test_accuracy"], "rl_train_seconds": round(rl_seconds, 1)}
     if cfg.rl.compare_sft:
         sft_cfg = dataclasses.replace(warm_cfg, sft=dataclasses.replace(
             cfg.sft, epochs=10_000, lr_schedule="linear_warmup_constant", warmup_ratio=0.0))
         cont = train_sft(sft_cfg, run_dir, train, test, phase="sft-continued", max_seconds=rl_seconds)
-        rows.append({"model": "SFT continued", "test_accuracy": cont.history[-1].get("eval/test_accuracy"),
-                     "train_accuracy": cont.history[-1].get("eval/train_accuracy")})
-        headline["sft_acc"] = rows[-1]["test_accuracy"]
+        rows.append(result_row("SFT continued", cont.history))
+        headline.update(sft_acc=rows[-1]["test_accuracy"], sft_best_test_accuracy=rows[-1]["best_test_accuracy"])
         series["sft-continued"] = read_metrics(run_dir / "sft-continued" / "metrics.jsonl")
-    rows.append({"model": cfg.rl.algorithm, "test_accuracy": history[-1]["eval/test_accuracy"],
-                 "train_accuracy": history[-1]["eval/train_accuracy"]})
-    headline[f"{cfg.rl.algorithm}_acc"] = rows[-1]["test_accuracy"]
+    rows.append(result_row(cfg.rl.algorithm, history))
     # The paper reports each method's best evaluation (its code keeps the best checkpoint).
-    best = max(history, key=lambda r: r["eval/test_accuracy"])
-    headline[f"{cfg.rl.algorithm}_best_test_accuracy"] = best["eval/test_accuracy"]
-    headline[f"{cfg.rl.algorithm}_best_step"] = best["step"]
+    best = max((r for r in history if "eval/test_accuracy" in r), key=lambda r: r["eval/test_accuracy"])
+    headline.update({f"{cfg.rl.algorithm}_acc": rows[-1]["test_accuracy"],
+                     f"{cfg.rl.algorithm}_best_test_accuracy": best["eval/test_accuracy"],
+                     f"{cfg.rl.algorithm}_best_step": best["step"]})
     headline["wall_seconds"] = round(time.perf_counter() - start, 1)
     table = write_results(run_dir, rows, headline)
     plot_curves(run_dir / "curves.png", series, title=f"{cfg.name}: {cfg.data.dataset} {cfg.data.cot_kind}")

@@ -114,3 +114,15 @@ def test_report_command(runs, tmp_path, capsys):
     # a directory that is not a run: exit 2, the message names it
     assert main(["report", str(tmp_path / "nope")]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_result_row_takes_the_last_and_the_best_evaluation():
+    from cluster.train import result_row
+    history = [{"step": 0, "eval/test_accuracy": 50.0, "eval/train_accuracy": 55.0},
+               {"step": 8, "rl/reward_mean": 0.5},                                   # a step without evaluation
+               {"step": 16, "eval/test_accuracy": 85.5, "eval/train_accuracy": 88.0},
+               {"step": 32, "eval/test_accuracy": 82.5, "eval/train_accuracy": 85.0},
+               {"step": 33, "rl/reward_mean": 0.7}]
+    assert result_row("reft", history) == {"model": "reft", "test_accuracy": 82.5, "best_test_accuracy": 85.5,
+                                           "train_accuracy": 85.0}
+    assert result_row("none", [])["test_accuracy"] is None
