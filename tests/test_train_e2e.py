@@ -63,13 +63,16 @@ def test_reft_loop_end_to_end(smoke_run):
     assert json.loads((run_dir / "results.json").read_text()) == headline
     assert {"warmup_acc", "reft_acc", "wall_seconds"} <= set(headline)
 
-    # the CoT-style analysis reads the run's models: every smoke CoT works step by step
+    # the CoT-style analysis reads the run's models; every smoke gold CoT works step by step, so
+    # most completions do (the 2-3 step test problems, longer than any trained on, get some odd ones)
     from experiments.cot_styles import main as cot_styles
     assert cot_styles([str(run_dir), "--max-questions", "16"]) == 0
     styles = json.loads((run_dir / "cot_styles.json").read_text())
-    assert [r["model"] for r in styles] == ["warm-up (SFT)", "reft"]
-    assert styles[1]["checkpoint"].endswith("policy") and all(r["steps_share"] >= 90 for r in styles)
-    assert all(r["questions"] == 16 and r["steps_share"] + r["terse_share"] == pytest.approx(100) for r in styles)
+    assert [r["model"] for r in styles] == ["warm-up (SFT)", "reft"] and styles[1]["checkpoint"].endswith("policy")
+    for r in styles:
+        assert r["questions"] == 16 and r["steps_share"] + r["terse_share"] == pytest.approx(100) and r["steps_share"] > 50
+        within = [r[f"{k}_share"] * (r[f"{k}_accuracy"] or 0) / 100 for k in ("steps", "terse")]
+        assert r["accuracy"] == pytest.approx(sum(within))
 
 
 @pytest.mark.slow
