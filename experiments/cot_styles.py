@@ -26,6 +26,7 @@ from cluster.config_io import load_config
 from cluster.runtime import load_splits
 from experiments.evaluate import score_completions
 from experiments.records import ANSWER_TRIGGER, Example
+from experiments.table import final_model, last_epoch
 
 # An operation between two operands (numbers or variables): what a CoT that shows its working has.
 OPERATION = re.compile(r"[\w)]\s*(?:[+\-*/]|//)\s*[\w(]")
@@ -52,15 +53,13 @@ def style_table(completions: Sequence[str], examples: Sequence[Example], scorer)
 
 def run_models(run_dir: Path, cfg: RunConfig) -> dict[str, Path]:
     """The run's warm-up, last SFT-continued epoch and final RL policy (those that exist)."""
-    def number(path: Path) -> int:   # epoch-6 -> 6, step-000062 -> 62
-        return int(path.name.split("-")[1])
-
     warmup = Path(cfg.rl.warmup_checkpoint) if cfg.rl.warmup_checkpoint else run_dir / "sft" / f"epoch-{cfg.sft.epochs}"
-    sft_continued = max(run_dir.glob("sft-continued/epoch-*"), key=number, default=None)
-    rl_step = max(run_dir.glob("checkpoints/step-*"), key=number, default=None)
-    models = {"warm-up (SFT)": warmup, "SFT continued": sft_continued,
-              cfg.rl.algorithm: rl_step / "policy" if rl_step else None}
-    return {name: path for name, path in models.items() if path is not None and path.is_dir()}
+    models = {"warm-up (SFT)": warmup}
+    if any((run_dir / "sft-continued").glob("epoch-*")):
+        models["SFT continued"] = last_epoch(run_dir / "sft-continued")
+    if (run_dir / "checkpoints" / "latest").is_file():
+        models[cfg.rl.algorithm] = final_model(run_dir, cfg.rl.algorithm)
+    return {name: path for name, path in models.items() if path.is_dir()}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -79,8 +78,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = load_config(RunConfig, config)
     train, test = load_splits(cfg)
     test = test[:args.max_questions] if args.max_questions else test
-    train_styles = pd.Series([style(e.cot or "") for e in train]).value_counts(normalize=True)
-    print(f"training annotations: {100 * train_styles.get('terse', 0.0):.1f}% terse")
+    terse = sum(style(e.cot or "") == "terse" for e in train)
+    print(f"training annotations: {100 * terse / len(train):.1f}% terse")
 
     rows = []
     with Scorer(cfg.reward) as scorer:

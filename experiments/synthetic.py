@@ -102,7 +102,6 @@ class SyntheticConfig:
         check(set(self.operations) <= set(OPERATIONS) and len(set(self.operations)) == len(self.operations),
               "operations", f"must be distinct members of {OPERATIONS}")
 
-
     @property
     def test_steps(self) -> tuple[int, int]:
         """(fewest, most) operations per test problem, the train range where not set."""
