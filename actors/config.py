@@ -15,6 +15,9 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 SYNC_TRANSPORTS = ("shm", "object_store", "nccl", "gloo")
 AUTO_SYNC = "auto"   # rollout.sync in a run config: the run mode picks (cluster.placement)
 VERIFY_MODES = ("both", "checksum", "probe", "off")
+# The Ray namespace of every actor a run starts (rollout-N, reward-0, learner-N): the dashboard
+# and ray.get_actor find them there.
+RAY_NAMESPACE = "reft"
 
 
 @dataclasses.dataclass(frozen=True)

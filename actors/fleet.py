@@ -32,15 +32,21 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import pickle
 import time
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 import ray
 from ray.exceptions import RayActorError
 
-from actors.config import RolloutConfig
+from actors.config import RAY_NAMESPACE, RolloutConfig
 from actors.rollout import RolloutWorker, Sample, SampleRequest
-from actors.weight_sync import WeightHandle, WeightSync, WeightSyncError, make_weight_sync
+from actors.weight_sync import (
+    WeightHandle,
+    WeightSync,
+    WeightSyncError,
+    make_weight_sync,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +81,7 @@ class _Call:
 class RolloutFleet:
     """``cfg.num_actors`` rollout actors behind one request stream (module docstring)."""
 
-    def __init__(self, cfg: RolloutConfig, sync: Optional[WeightSync] = None, namespace: str = "reft",
+    def __init__(self, cfg: RolloutConfig, sync: Optional[WeightSync] = None, namespace: str = RAY_NAMESPACE,
                  name_prefix: str = "rollout", actor_options: Optional[Callable[[int], dict]] = None):
         """
         Args:
@@ -121,11 +127,6 @@ class RolloutFleet:
             self._pending[request.request_id] = request
         self._backlog.extend(requests)
         self._dispatch()
-
-    @property
-    def num_pending(self) -> int:
-        """Requests submitted and not answered yet."""
-        return len(self._pending)
 
     def poll(self, timeout_s: float = 1.0) -> list[Sample]:
         """Samples of requests answered since the last call (whole requests), waiting up to
@@ -179,7 +180,11 @@ class RolloutFleet:
         failed (after all have answered); those actors do not take new requests until a later
         push succeeds. An actor that dies meanwhile is replaced and catches up by itself.
         """
+        if not isinstance(handle, WeightHandle):
+            raise TypeError(f"push takes a WeightHandle (what the learner's publish returns), got {type(handle).__name__}")
         sync = sync or self.sync
+        # What crosses the driver per sync: the handle, without its location (a path or an ObjectRef).
+        self.stats["last_handle_bytes"] = len(pickle.dumps(dataclasses.replace(handle, location=None)))
         self._handle, self._handle_sync, self.version = handle, sync, handle.version
         targets = [i for i, s in enumerate(self.slots) if s.state in ("serving", "unverified")]
         refs = {}

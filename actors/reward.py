@@ -23,6 +23,7 @@ import dataclasses
 import time
 from typing import Callable, Mapping, Optional, Sequence, Union
 
+from actors.config import RAY_NAMESPACE
 from rewards.sandbox import STATUSES
 from rewards.score import RewardConfig, Score, Scorer, prepare_program
 
@@ -96,7 +97,7 @@ class RewardWorker:
         self.scorer.close()
 
 
-def launch(cfg: RewardConfig = RewardConfig(), name: str = "reward", namespace: str = "reft",
+def launch(cfg: RewardConfig = RewardConfig(), name: str = "reward", namespace: str = RAY_NAMESPACE,
            num_cpus: float = 0.25, timeout_s: float = 60.0):
     """Start the reward actor (named, in namespace reft) and wait until its sandbox is up.
 
@@ -114,7 +115,7 @@ def launch(cfg: RewardConfig = RewardConfig(), name: str = "reward", namespace: 
 
 def reward_item(completion: str, example) -> RewardItem:
     """What the reward actor needs to score ``completion`` as an answer to ``example`` (an
-    ``experiments.records.Example``: gold answer, CoT kind, dataset, MCQ options, question)."""
+    ``formats.records.Example``: gold answer, CoT kind, dataset, MCQ options, question)."""
     return RewardItem(completion, example.answer, example.cot_kind, example.dataset, example.options,
                       example.question)
 

@@ -56,8 +56,15 @@ from typing import Optional, Sequence, Union
 import torch
 
 from actors.config import RolloutConfig
-from actors.weight_sync import (WEIGHTS_FILE, NcclBroadcastSync, RayObjectStoreSync, WeightHandle, WeightSync,
-                                WeightSyncError, make_weight_sync)
+from actors.weight_sync import (
+    WEIGHTS_FILE,
+    NcclBroadcastSync,
+    RayObjectStoreSync,
+    WeightHandle,
+    WeightSync,
+    WeightSyncError,
+    make_weight_sync,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +83,7 @@ class SampleRequest:
     stop: tuple[str, ...] = ()            # stop strings; kept in the text (text == decode(ids))
     seed: Optional[int] = None            # per-request seed: a re-issued request samples the same tokens
     ignore_eos: bool = False              # decode max_tokens whatever comes (benchmarks, tests)
+    question_index: Optional[int] = None  # the caller's question this request asks about (its samples carry it)
 
     def __post_init__(self):
         if not isinstance(self.prompt, str):
@@ -107,6 +115,7 @@ class Sample:
     policy_version: int
     actor: str                            # the rollout actor that produced it
     error: Optional[str] = None
+    question_index: Optional[int] = None  # the request's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,8 +241,7 @@ class _HFEngine:
     sleeps = False   # CPU only: nothing to free for a learner
 
     def __init__(self, cfg: RolloutConfig):
-        from experiments.tiny_model import load_tokenizer
-        from learner.model import load_causal_lm
+        from formats.hf import load_causal_lm, load_tokenizer
 
         self.model = load_causal_lm(cfg.model, "fp32").eval()
         self.tokenizer = load_tokenizer(cfg.model)
@@ -426,14 +434,14 @@ class RolloutWorker:
                 os._exit(1)
             logger.warning("%s: request %s failed: %r", self.name, request.request_id, e)
             self._stats["errors"] += 1
-            return [Sample(request.request_id, i, (), (), "", (), "error", version, self.name, repr(e))
-                    for i in range(request.n)]
+            return [Sample(request.request_id, i, (), (), "", (), "error", version, self.name, repr(e),
+                           request.question_index) for i in range(request.n)]
         finally:
             self._in_flight -= 1
         self._stats["samples"] += len(completions)
         self._stats["tokens"] += sum(len(c.token_ids) for c in completions)
         return [Sample(request.request_id, i, prompt_ids, c.token_ids, c.text, c.logprobs, c.finish_reason,
-                       version, self.name) for i, c in enumerate(completions)]
+                       version, self.name, question_index=request.question_index) for i, c in enumerate(completions)]
 
     # ------------------------------------------------------------------ weights
 

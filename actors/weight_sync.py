@@ -230,7 +230,7 @@ class ModelSpec:
     def __init__(self, model: str, probe_prompt_len: int):
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        from experiments.tiny_model import load_tokenizer
+        from formats.hf import load_tokenizer
 
         self.model = model
         self.config = AutoConfig.from_pretrained(model)
@@ -430,6 +430,50 @@ def make_weight_sync(cfg: RolloutConfig, transport: Optional[str] = None) -> Wei
     if transport in ("nccl", "gloo"):
         return NcclBroadcastSync(cfg, backend=transport)
     raise ValueError(f"rollout.sync = {transport!r}: must be one of shm, object_store, nccl, gloo")
+
+
+class RemoteSender:
+    """The learner half of a transport, hosted by another actor: learner rank 0
+    (``learner.worker.LearnerWorker``), which publishes its own weights. The fleet on the driver
+    holds this in place of a local ``WeightSync``: it never sees the tensors, only the handles
+    ``LearnerWorker.publish_weights`` returns, and forwards what the push transports need
+    (``attach`` / ``transmit``) to the actor; for the pull transports (shm, object store) those are
+    no-ops there. Every call has a deadline."""
+
+    def __init__(self, actor, transport: str, timeout_s: float):
+        self.actor, self.transport, self.timeout_s = actor, transport, timeout_s
+
+    def publish(self, state_dict, version):
+        raise TypeError("weights are published by learner rank 0 (LearnerWorker.publish_weights), not by the driver")
+
+    def attach(self, receiver: str, join: Callable[[dict], Any], timeout_s: float) -> None:
+        import ray
+        if self.transport not in ("nccl", "gloo"):
+            return
+        try:
+            info = dict(ray.get(self.actor.weight_sync_prepare.remote(receiver), timeout=self.timeout_s),
+                        timeout_s=timeout_s)
+            refs = [join(info), self.actor.weight_sync_open.remote(receiver, info, timeout_s)]
+            ray.get(refs, timeout=timeout_s + self.timeout_s)
+        except WeightSyncError:
+            raise
+        except Exception as e:
+            raise WeightSyncError(f"{receiver}: could not open the {self.transport} weight-sync group with the "
+                                  f"learner: {e}", weights_changed=False) from e
+
+    def detach(self, receiver: str) -> None:
+        import ray
+        if self.transport in ("nccl", "gloo"):
+            ray.get(self.actor.weight_sync_detach.remote(receiver), timeout=self.timeout_s)
+
+    def transmit(self, handle: WeightHandle, receivers: Sequence[str], timeout_s: float) -> None:
+        import ray
+        if self.transport in ("nccl", "gloo") and receivers:
+            ray.get(self.actor.weight_sync_transmit.remote(handle, list(receivers), timeout_s),
+                    timeout=timeout_s * len(receivers) + self.timeout_s)
+
+    def close(self) -> None:
+        """The learner closes its publisher (``LearnerWorker.close_weight_sync``)."""
 
 
 # ------------------------------------------------------------------- 1 and 2: files in /dev/shm
@@ -652,23 +696,39 @@ class NcclBroadcastSync(WeightSync):
     def _device(self) -> torch.device:
         return torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
 
+    def prepare(self, receiver: str) -> dict:
+        """The rendezvous of ``receiver``'s group, rank 0 here: this node's address and a free port."""
+        import ray
+        self.detach(receiver)
+        host = ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+        return {"backend": self.backend, "host": host, "port": _free_port(), "rank_offset": 1,
+                "world_size": 1 + self.cfg.tensor_parallel_size}
+
+    def open(self, receiver: str, info: dict, timeout_s: float) -> None:
+        """Open rank 0 of ``receiver``'s group (blocks until the receiver's ranks join)."""
+        try:
+            group = _Group(self.backend, info["host"], info["port"], 0, info["world_size"], timeout_s, self._device())
+        except Exception as e:
+            raise WeightSyncError(f"{receiver}: could not open the {self.backend} weight-sync group: {e}",
+                                  weights_changed=False) from e
+        self._groups[receiver] = group
+
     def attach(self, receiver, join, timeout_s):
         """Open ``receiver``'s group: ``join(info)`` sends the receiver its rank-1.. rendezvous
         while this process opens rank 0; both wait for each other up to ``timeout_s``."""
         import ray
-        self.detach(receiver)
-        host = ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
-        info = {"backend": self.backend, "host": host, "port": _free_port(), "rank_offset": 1,
-                "world_size": 1 + self.cfg.tensor_parallel_size, "timeout_s": timeout_s}
+        info = dict(self.prepare(receiver), timeout_s=timeout_s)
         ref = join(info)
         try:
-            group = _Group(self.backend, host, info["port"], 0, info["world_size"], timeout_s, self._device())
+            self.open(receiver, info, timeout_s)
             ray.get(ref, timeout=timeout_s)
         except Exception as e:
             ray.cancel(ref, force=False)
+            self.detach(receiver)
+            if isinstance(e, WeightSyncError):
+                raise
             raise WeightSyncError(f"{receiver}: could not open the {self.backend} weight-sync group: {e}",
                                   weights_changed=False) from e
-        self._groups[receiver] = group
 
     def detach(self, receiver):
         group = self._groups.pop(receiver, None)
@@ -794,9 +854,3 @@ class VllmWorkerExtension:
             return False
         lm_head.quant_method.process_weights_after_loading(lm_head)
         return True
-
-    def reft_leave_group(self) -> None:
-        group = getattr(self, "_reft_group", None)
-        if group is not None:
-            group.close()
-            self._reft_group = None

@@ -30,6 +30,8 @@ import ray
 import torch
 from torch import Tensor
 
+from actors.config import RAY_NAMESPACE
+
 Method = Union[str, Callable]  # "ppo_update" or LearnerWorker.ppo_update
 
 
@@ -76,7 +78,7 @@ class ActorGroup:
         options: Optional[Callable[[int], dict]] = None,
         num_cpus_per_actor: float = 0.5,
         name_prefix: str = "learner",
-        namespace: str = "reft",
+        namespace: str = RAY_NAMESPACE,
         timeout_s: float = 600.0,
     ):
         """

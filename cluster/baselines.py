@@ -15,8 +15,9 @@ the code's ``exps/paper_exps/{SFT,OffSL,OnSL}``:
                 the new weights go to the samplers after every step.
 
 sft and offline_st take the RL loop's place with `cluster.sft.train_sft` (phase "rl", after a
-step-0 evaluation of the warm-up, as the RL loop starts); online_st is a `ReFTTrainer` whose step
-trains with `LearnerWorker.sft_step` instead of PPO.
+step-0 evaluation of the warm-up, as the RL loop starts): ``run_sft_stage``. online_st is the RL
+loop (`cluster.rl.RLTrainer`) with ``OnlineSTLearn`` as its update. ``cluster.recipes`` registers
+all of them by name.
 """
 from __future__ import annotations
 
@@ -33,16 +34,13 @@ import torch
 from actors.rollout import Sample
 from cluster.config import RunConfig
 from cluster.config_io import ConfigError
+from cluster.evaluate import FleetEvaluator, HFEvaluator, Scored
 from cluster.metrics import MetricsLogger
-from cluster.schedule import next_questions
-from cluster.sft import evaluate_checkpoint, train_sft
-from cluster.train import ReFTTrainer, sample_requests
-from experiments.records import Example, pcot_header
-from experiments.sampled_eval import Sampler, Scored
-from experiments.tiny_model import load_tokenizer
+from cluster.sft import train_sft
+from formats.records import Example, pcot_header
 from learner.data import Tokenized, collate, sft_target, tokenize_sft
 from learner.worker import LearnerWorker
-from rewards.score import Score, Scorer
+from rewards.score import Score
 
 logger = logging.getLogger("reft")
 
@@ -107,24 +105,23 @@ def stage_config(cfg: RunConfig, start: str, fresh: bool) -> RunConfig:
 def evaluate_greedy(cfg: RunConfig, checkpoint: str, train: list[Example], test: list[Example]) -> dict:
     """Greedy accuracy of an HF checkpoint with the evaluator `train_sft` uses after each epoch,
     so that a stage's curve comes from one evaluator."""
-    with Scorer(cfg.reward) as scorer:
-        on_test = evaluate_checkpoint(Path(checkpoint), test, scorer, cfg.rl.max_new_tokens)
-        on_train = evaluate_checkpoint(Path(checkpoint), train[:cfg.data.train_eval_size], scorer,
-                                       cfg.rl.max_new_tokens)
+    with HFEvaluator(cfg, Path(checkpoint)) as evaluator:
+        on_test = evaluator.greedy(test, cfg.rl.max_new_tokens)
+        on_train = evaluator.greedy(train[:cfg.data.train_eval_size], cfg.rl.max_new_tokens)
     return {"eval/test_accuracy": on_test.accuracy, "eval/test_answered": on_test.answered,
             "eval/train_accuracy": on_train.accuracy}
 
 
 def sample_self_training(cfg: RunConfig, model: str, train: list[Example]) -> tuple[list[Example], dict]:
     """Offline self-training's data: rl.offline_samples CoTs of every training question from
-    ``model``, scored by the reward actor (`experiments.sampled_eval.Sampler`, as ``reft
+    ``model``, scored by the reward actor (`cluster.evaluate.FleetEvaluator`, as ``reft
     train-reranker`` samples its training data), a block of questions at a time so that the driver
     never holds all the samples (the paper's 100 of each of 7k questions). Returns the added
     examples (`self_training_examples`) and the sampling's metrics."""
     start = time.perf_counter()
     per_call = max(1, SAMPLES_PER_CALL // cfg.rl.offline_samples)
     added, totals = [], collections.Counter()
-    with Sampler(cfg, Path(model)) as sampler:
+    with FleetEvaluator.start(cfg, Path(model)) as sampler:
         for first in range(0, len(train), per_call):
             questions = train[first:first + per_call]
             scored = sampler.sample(questions, cfg.rl.offline_samples, cfg.rl.temperature, cfg.rl.max_new_tokens,
@@ -195,49 +192,30 @@ def online_st_batch(gold: Sequence[Tokenized], sampled: Sequence[Tokenized], pad
     return batch
 
 
-class OnlineSTTrainer(ReFTTrainer):
-    """Online self-training in the RL loop: ReFT's actors, sampling, scoring, weight sync,
-    evaluation and checkpoints, with SFT in place of PPO. No reference model is loaded
-    (``rl.kl_coef_for`` is 0 for the baselines). One step:
+class OnlineSTLearn:
+    """Online self-training's update in the RL loop (`cluster.rl.RLTrainer`): ReFT's actors,
+    sampling, scoring, weight sync, evaluation and checkpoints, with SFT in place of PPO. No
+    reference model is loaded (the paper's train_rl_sl.py has no KL term). Steps 4-5 of a step:
 
-        1. questions   the next questions_per_step training questions
-        2. rollout     the vLLM fleet samples samples_per_question CoTs per question
-        3. reward      the reward actor scores them
         4. batch       the questions' gold CoTs + the learnable samples (`online_st_batch`)
         5. update      learner.ppo_epochs SFT steps on it (the paper's code reuses PPO's 2 passes)
-        6. sync        the new weights, version v+1, go to every sampler
     """
 
-    def __init__(self, cfg: RunConfig, warmup: str, run_dir: Path, train: list[Example], test: list[Example]):
-        super().__init__(cfg, warmup, run_dir, train, test)
-        tokenizer = load_tokenizer(warmup)
-        self.gold = [tokenize_sft(tokenizer, e) for e in train]
+    with_reference = False
 
-    def step(self) -> dict:
-        cfg, rl, state = self.cfg, self.cfg.rl, self.state
-        timing, t0 = {}, time.perf_counter()
-        indices = next_questions(state, len(self.train_set), rl.questions_per_step, cfg.seed)          # 1
-        self.fleet.submit(sample_requests(self.train_set, indices, state.step, cfg))                 # 2
-        samples, scores = self.collect_and_score(len(indices) * rl.samples_per_question)             # 3
-        timing["timing/rollout_s"] = time.perf_counter() - t0
-        if self.colocate:
-            self.fleet.sleep()      # local-gpu: the learner gets vLLM's GPU memory for steps 4-5
+    def __init__(self, trainer):
+        self.gold = [tokenize_sft(trainer.tokenizer, e) for e in trainer.train_set]
 
-        t = time.perf_counter()
+    def __call__(self, trainer, indices, samples, scores):
+        cfg = trainer.cfg
         learned = [Tokenized(list(s.prompt_token_ids), list(s.completion_token_ids))
                    for s, sc in zip(samples, scores) if learnable(s, sc)]
-        batch = online_st_batch([self.gold[i] for i in indices], learned, self.pad_id, cfg.cluster.num_learners)  # 4
-        updates = [self.learners.run_sharded(LearnerWorker.sft_step, batch)[0]                       # 5
+        batch = online_st_batch([self.gold[i] for i in indices], learned, trainer.pad_id,                # 4
+                                cfg.cluster.num_learners)
+        updates = [trainer.learners.run_sharded(LearnerWorker.sft_step, batch)[0]                        # 5
                    for _ in range(cfg.learner.ppo_epochs)]
-        timing["timing/learner_s"] = time.perf_counter() - t
-
-        timing["timing/sync_s"] = self.sync_weights()                                                  # 6
-        state.step += 1
-
-        n = len(scores)
         return {
-            **self.sample_metrics(samples, scores, timing),
-            "self_training/learned": 100.0 * len(learned) / n,
+            "self_training/learned": 100.0 * len(learned) / len(scores),
             "learner/loss": updates[0]["loss"],   # at the weights that sampled the step
             "learner/loss_final_pass": updates[-1]["loss"],   # after ppo_epochs - 1 steps on this batch
             "learner/grad_norm": sum(u["grad_norm"] for u in updates) / len(updates),

@@ -10,12 +10,13 @@ import dataclasses
 from pathlib import Path
 from typing import Optional
 
-from cluster.config_io import ConfigError
 from actors.config import AUTO_SYNC, RolloutConfig
-from experiments.synthetic import SyntheticConfig
-from experiments.tiny_model import TinyModelConfig
+from cluster.config_io import ConfigError
+from learner.algos import AdvantageConfig
 from learner.config import LR_SCHEDULES, LearnerConfig
 from rewards.score import RewardConfig
+from tasks.synthetic import SyntheticConfig
+from tasks.tiny_model import TinyModelConfig
 
 TINY = "tiny"   # learner.model value: build a tokenizer + tiny Qwen2 from the synthetic corpus
 RUN_MODES = ("cpu", "local-gpu", "cluster")
@@ -78,11 +79,6 @@ class SFTConfig:
             raise ValueError(f"sft.lr must be > 0, got {self.lr}")
 
 
-# Algorithm name -> advantage estimator (``learner.algos``). ReFT is PPO with the value head.
-# The paper's baselines (``cluster.baselines``) train with supervised losses: no estimator.
-ALGORITHMS = {"reft": "gae", "grpo": "grpo", "rloo": "rloo", "sft": None, "offline_st": None, "online_st": None}
-# Algorithms whose stage after the warm-up is an SFT run (``cluster.sft.train_sft``), not the RL loop.
-SFT_ALGORITHMS = ("sft", "offline_st")
 OFFLINE_INITS = ("base", "warmup")
 PAPER_KL_COEF = {"ncot": 0.05, "pcot": 0.01}
 
@@ -90,11 +86,12 @@ PAPER_KL_COEF = {"ncot": 0.05, "pcot": 0.01}
 @dataclasses.dataclass(frozen=True)
 class RLConfig:
     algorithm: str = "reft"
-    """reft: PPO with the value head on the policy and GAE (the paper). grpo / rloo: critic-free
-    baselines over the samples of one question (set samples_per_question >= 2). The paper's
-    baselines (``cluster.baselines``): sft (SFT continued from the warm-up on the gold CoTs),
-    offline_st (SFT on the gold CoTs plus the warm-up model's correct samples), online_st (each
-    step: SFT on this step's correct samples and on the same questions' gold CoTs)."""
+    """What runs after the warm-up, a name in ``cluster.recipes.RECIPES``. reft: PPO with the value
+    head on the policy and GAE (the paper). grpo / rloo: critic-free baselines over the samples of
+    one question (set samples_per_question >= 2). The paper's baselines (``cluster.baselines``):
+    sft (SFT continued from the warm-up on the gold CoTs), offline_st (SFT on the gold CoTs plus the
+    warm-up model's correct samples), online_st (each step: SFT on this step's correct samples and
+    on the same questions' gold CoTs)."""
     epochs: int = 1
     """Passes over the training questions (the paper runs up to 300 for its 7B models). For sft and
     offline_st: epochs of SFT on their data (the paper's code: 40 for SFT in all, i.e. 38 after a
@@ -104,20 +101,19 @@ class RLConfig:
     samples_per_question: int = 1
     """CoTs sampled per question per step: 1 as the paper's ReFT; K >= 2 for grpo / rloo."""
     temperature: float = 1.0
-    """Sampling temperature (paper: 1.0). The learner scores tokens under the same temperature."""
+    """Sampling temperature (paper: 1.0), and the one the learner scores tokens under (PPO's ratio
+    and the KL compare the distributions the samples were drawn from)."""
     top_p: float = 1.0
-    """Nucleus sampling; 1.0 = plain sampling, the paper's."""
+    """Nucleus sampling; 1.0 = plain sampling, the paper's. The RL recipes refuse < 1: the learner
+    scores the untruncated softmax, so the ratio would compare two different policies."""
     max_new_tokens: int = 300
     """Longest sampled CoT. The paper caps prompt + answer at 700 tokens."""
     kl_coef: Optional[float] = None
     """beta of the per-token KL penalty to the warm-up model; None = the paper's value for the CoT
     kind (0.05 N-CoT, 0.01 P-CoT). 0 collapses training (the paper's ablation)."""
-    gamma: float = 1.0
-    """GAE discount; 1.0 as the paper's code (its text writes 0.95 and swaps it with lambda)."""
-    lam: float = 0.95
-    """GAE lambda; 0.95 as the paper's code."""
-    whiten_advantages: bool = True
-    """Whiten GAE advantages over the batch, as the paper's code."""
+    advantage: AdvantageConfig = AdvantageConfig()
+    """The advantage estimator's settings (``learner.algos.AdvantageConfig``): GAE's gamma 1.0 and
+    lambda 0.95 and whitening as the paper's code; GRPO's std normalisation and eps."""
     max_staleness: int = 0
     """How many policy versions a batch may lag the learner: 0 = strictly on-policy (the paper);
     1 = sample batch t+1 while the learner trains on batch t."""
@@ -142,41 +138,21 @@ class RLConfig:
     scratch, where "base" would redo the whole warm-up)."""
 
     def __post_init__(self):
-        if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"rl.algorithm must be one of {sorted(ALGORITHMS)}, got {self.algorithm!r}")
         for key in ("epochs", "questions_per_step", "samples_per_question", "max_new_tokens", "eval_every",
-                    "checkpoint_every"):
+                    "checkpoint_every", "offline_samples", "offline_keep"):
             if getattr(self, key) < 1:
                 raise ValueError(f"rl.{key} must be >= 1, got {getattr(self, key)}")
-        if self.algorithm in ("grpo", "rloo") and self.samples_per_question < 2:
-            raise ValueError(f"rl.samples_per_question must be >= 2 for rl.algorithm={self.algorithm} "
-                             f"(the baseline is the other samples of the question), got {self.samples_per_question}")
         if self.kl_coef is not None and self.kl_coef < 0:
             raise ValueError(f"rl.kl_coef must be >= 0, got {self.kl_coef}")
         if self.max_staleness not in (0, 1):
             raise ValueError(f"rl.max_staleness must be 0 or 1, got {self.max_staleness}")
-        if self.estimator is None and self.max_staleness:
-            raise ValueError(f"rl.max_staleness must be 0 for rl.algorithm={self.algorithm} (the paper's baselines "
-                             f"are on-policy), got {self.max_staleness}")
-        if self.algorithm in SFT_ALGORITHMS and self.compare_sft:
-            raise ValueError(f"rl.compare_sft compares an RL run with SFT for the same time; rl.algorithm="
-                             f"{self.algorithm} is SFT already: set rl.compare_sft=false")
-        for key in ("offline_samples", "offline_keep"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"rl.{key} must be >= 1, got {getattr(self, key)}")
         if self.offline_init not in OFFLINE_INITS:
             raise ValueError(f"rl.offline_init must be one of {list(OFFLINE_INITS)}, got {self.offline_init!r}")
         if not (self.temperature > 0 and 0 < self.top_p <= 1):
             raise ValueError(f"rl.temperature must be > 0 and rl.top_p in (0, 1], got {self.temperature}, {self.top_p}")
 
-    @property
-    def estimator(self) -> Optional[str]:
-        """The advantage estimator; None for the baselines, which take no advantages."""
-        return ALGORITHMS[self.algorithm]
-
-    def kl_coef_for(self, cot_kind: str) -> float:
-        if self.estimator is None:
-            return 0.0   # the baselines' losses have no KL term (paper's train_rl_sl.py): no reference model
+    def paper_kl_coef(self, cot_kind: str) -> float:
+        """beta: rl.kl_coef, or the paper's for the CoT kind."""
         return PAPER_KL_COEF[cot_kind] if self.kl_coef is None else self.kl_coef
 
 

@@ -90,3 +90,13 @@ def summary_line(step: int, metrics: Mapping[str, float], keys: Optional[Iterabl
     keys = list(keys) if keys is not None else list(metrics)
     parts = [f"{k} {metrics[k]:.4g}" for k in keys if k in metrics and isinstance(metrics[k], (int, float))]
     return f"step {step} | " + " | ".join(parts)
+
+
+def progress(total: int, desc: str, unit: str, initial: int = 0):
+    """One progress bar with a true total. On a terminal it redraws in place; off one (CI logs,
+    `ray job` logs) it is silent instead of printing thousands of carriage-return updates: the
+    per-epoch / per-evaluation summary lines say the same."""
+    import sys
+
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not sys.stderr.isatty())

@@ -6,10 +6,11 @@ import logging
 import os
 from pathlib import Path
 
+from actors.config import RAY_NAMESPACE
 from cluster.config import TINY, RunConfig
 from cluster.config_io import dump_yaml
-from experiments.datasets import load_dataset
-from experiments.records import Example
+from formats.records import Example
+from tasks.datasets import load_dataset
 
 logger = logging.getLogger("reft")
 
@@ -28,12 +29,12 @@ def init_ray(cfg: RunConfig) -> None:
         return
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, namespace="reft", log_to_driver=True)
+        ray.init(address=address, namespace=RAY_NAMESPACE, log_to_driver=True)
     else:
         # No RAY_AUTH_MODE set here: Ray reads it at import, and its default for a new local
         # cluster is token auth, set up in-process. address="local": a cluster of our own, never
         # a `ray start` head that happens to run here (plain ray.init() would join it).
-        ray.init(address="local", namespace="reft", include_dashboard=cfg.cluster.dashboard,
+        ray.init(address="local", namespace=RAY_NAMESPACE, include_dashboard=cfg.cluster.dashboard,
                  dashboard_host="127.0.0.1", log_to_driver=True)
     logger.info("ray: %s", ray.get_runtime_context().gcs_address)
 
@@ -52,8 +53,8 @@ def prepare_model(cfg: RunConfig, run_dir: Path) -> RunConfig:
     corpus into ``run_dir/base_model`` (once; a resumed run reuses it)."""
     if cfg.learner.model != TINY:
         return cfg
-    from experiments.synthetic import generate
-    from experiments.tiny_model import build_tiny_model, corpus_from_examples
+    from tasks.synthetic import generate
+    from tasks.tiny_model import build_tiny_model, corpus_from_examples
 
     out = run_dir / "base_model"
     if not (out / "config.json").exists():

@@ -18,20 +18,16 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from tqdm import tqdm
-
 from cluster.actor_group import ActorGroup
 from cluster.config import RunConfig
-from cluster.metrics import MetricsLogger, summary_line
+from cluster.evaluate import HFEvaluator
+from cluster.metrics import MetricsLogger, progress, summary_line
 from cluster.placement import Placement, place
 from cluster.runtime import init_ray, load_splits, make_run_dir, prepare_model
-from experiments.evaluate import greedy_accuracy, hf_greedy
-from experiments.records import Example
-from experiments.tiny_model import load_tokenizer
+from formats.hf import load_tokenizer
+from formats.records import Example
 from learner.data import collate, tokenize_sft
-from learner.export import save_hf_checkpoint
 from learner.worker import LearnerWorker
-from rewards.score import Scorer
 
 logger = logging.getLogger("reft")
 
@@ -47,14 +43,6 @@ def start_learners(cfg: RunConfig, learner_cfg, placement: Placement) -> ActorGr
     return ActorGroup(LearnerWorker, cfg.cluster.num_learners, learner_cfg,
                       options=lambda rank: placement.options("learner", rank), name_prefix="learner",
                       timeout_s=cfg.cluster.call_timeout_s)
-
-
-def evaluate_checkpoint(path: Path, examples: list[Example], scorer: Scorer, max_new_tokens: int):
-    """Greedy top-1 accuracy of an HF checkpoint, generated in this process with HF ``generate``."""
-    from learner.model import load_causal_lm
-    model = load_causal_lm(str(path), "fp32")
-    tokenizer = load_tokenizer(path)
-    return greedy_accuracy(lambda prompts: hf_greedy(model, tokenizer, prompts, max_new_tokens), examples, scorer)
 
 
 def run_sft(cfg: RunConfig) -> SFTResult:
@@ -99,7 +87,7 @@ def train_sft(cfg: RunConfig, run_dir: Path, train: list[Example], test: list[Ex
         placement.remove()
         raise
     metrics = MetricsLogger(run_dir / phase, ray_keys=("sft/loss", "eval/test_accuracy"))
-    scorer = Scorer(cfg.reward)
+    evaluator = None   # HF generate in this process: no engine starts for the warm-up's evaluations
     result = SFTResult([], [])
     rng = random.Random(cfg.seed)
     step, trained_s, out_of_time = 0, 0.0, False
@@ -109,14 +97,16 @@ def train_sft(cfg: RunConfig, run_dir: Path, train: list[Example], test: list[Ex
             order = kept[:]
             rng.shuffle(order)
             start, losses, tokens = time.perf_counter(), [], 0
-            bar = tqdm(range(steps_per_epoch), desc=f"sft epoch {epoch}/{cfg.sft.epochs}", unit="step")
-            for i in bar:
+            desc = f"{phase} epoch {epoch}" + ("" if max_seconds is not None else f"/{cfg.sft.epochs}")
+            bar = progress(total=steps_per_epoch, desc=desc, unit="step")
+            for i in range(steps_per_epoch):
                 rows = order[i * cfg.sft.batch_size:(i + 1) * cfg.sft.batch_size]
                 batch = collate([items[r] for r in rows], tokenizer.pad_token_id, cfg.sft.max_length)
                 out = group.run_sharded(LearnerWorker.sft_step, batch)[0]
                 step += 1
                 losses.append(out["loss"])
                 tokens += int(batch["attention_mask"].sum())
+                bar.update(1)
                 bar.set_postfix(loss=f"{out['loss']:.3f}")
                 metrics.write(step, {"sft/loss": out["loss"], "sft/grad_norm": out["grad_norm"], "sft/lr": out["lr"]})
                 if max_seconds is not None and trained_s + time.perf_counter() - start >= max_seconds:
@@ -127,16 +117,15 @@ def train_sft(cfg: RunConfig, run_dir: Path, train: list[Example], test: list[Ex
             trained_s += seconds
 
             # 4. checkpoint (HF format) and greedy evaluation
-            ckpt = save_hf_checkpoint(group.run(LearnerWorker.export_weights)[0], cfg.learner.model,
-                                      run_dir / phase / f"epoch-{epoch}")
+            ckpt = Path(group.run(LearnerWorker.save_policy, str(run_dir / phase / f"epoch-{epoch}"))[0])
             result.checkpoints.append(ckpt)
             record = {epoch_key: epoch, "step": step, "sft/epoch_loss": sum(losses) / len(losses),
                       "sft/epoch_seconds": seconds, "sft/train_seconds": trained_s, "perf/sft_tokens_per_s": tokens / seconds}
             last = epoch == cfg.sft.epochs or out_of_time
             if cfg.sft.eval_every_epochs and (epoch % cfg.sft.eval_every_epochs == 0 or last):
-                test_eval = evaluate_checkpoint(ckpt, test, scorer, cfg.sft.eval_max_new_tokens)
-                train_eval = evaluate_checkpoint(ckpt, train[:cfg.data.train_eval_size], scorer,
-                                                 cfg.sft.eval_max_new_tokens)
+                evaluator = evaluator.load(ckpt) if evaluator else HFEvaluator(cfg, ckpt)
+                test_eval = evaluator.greedy(test, cfg.sft.eval_max_new_tokens)
+                train_eval = evaluator.greedy(train[:cfg.data.train_eval_size], cfg.sft.eval_max_new_tokens)
                 record.update({"eval/test_accuracy": test_eval.accuracy, "eval/train_accuracy": train_eval.accuracy,
                                "eval/test_answered": test_eval.answered})
             metrics.write(step, record)
@@ -146,7 +135,8 @@ def train_sft(cfg: RunConfig, run_dir: Path, train: list[Example], test: list[Ex
                 break
     finally:
         metrics.close()
-        scorer.close()
+        if evaluator is not None:
+            evaluator.close()
         group.kill()
         placement.remove()
     return result

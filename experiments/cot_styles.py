@@ -24,9 +24,8 @@ import pandas as pd
 from cluster.config import RunConfig
 from cluster.config_io import load_config
 from cluster.runtime import load_splits
-from experiments.evaluate import score_completions
-from experiments.records import ANSWER_TRIGGER, Example
 from experiments.table import final_model, last_epoch
+from formats.records import ANSWER_TRIGGER
 
 # An operation between two operands (numbers or variables): what a CoT that shows its working has.
 OPERATION = re.compile(r"[\w)]\s*(?:[+\-*/]|//)\s*[\w(]")
@@ -38,10 +37,11 @@ def style(completion: str) -> str:
     return "steps" if OPERATION.search(body) else "terse"
 
 
-def style_table(completions: Sequence[str], examples: Sequence[Example], scorer) -> dict:
-    """Share of each style (percent of questions) and accuracy within it, plus overall accuracy."""
-    scores = score_completions(completions, examples, scorer)
-    styles = [style(c) for c in completions]
+def style_table(scored: Sequence) -> dict:
+    """Share of each style (percent of questions) and accuracy within it, plus overall accuracy,
+    of greedy completions and their scores (``cluster.evaluate.Scored``, one per question)."""
+    scores = [s.score for s in scored]
+    styles = [style(s.sample.completion_text) for s in scored]
     n = len(styles)
     row = {"questions": n, "accuracy": 100.0 * sum(s.correct for s in scores) / n}
     for kind in ("steps", "terse"):
@@ -69,8 +69,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's sft.eval_max_new_tokens")
     args = parser.parse_args(argv)
 
-    from cluster.sft import evaluate_checkpoint   # imports the learner (torch, DeepSpeed): not needed for --help
-    from rewards.score import Scorer
+    from cluster.evaluate import HFEvaluator  # imports torch: not needed for --help
 
     config = args.run_dir / "config.yaml"
     if not config.is_file():
@@ -81,11 +80,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     terse = sum(style(e.cot or "") == "terse" for e in train)
     print(f"training annotations: {100 * terse / len(train):.1f}% terse")
 
-    rows = []
-    with Scorer(cfg.reward) as scorer:
+    rows, evaluator = [], None
+    try:
         for name, path in run_models(args.run_dir, cfg).items():
-            result = evaluate_checkpoint(path, test, scorer, args.max_new_tokens or cfg.sft.eval_max_new_tokens)
-            rows.append({"model": name, "checkpoint": str(path), **style_table(result.completions, test, scorer)})
+            evaluator = evaluator.load(path) if evaluator else HFEvaluator(cfg, path)
+            result = evaluator.greedy(test, args.max_new_tokens or cfg.sft.eval_max_new_tokens)
+            rows.append({"model": name, "checkpoint": str(path), **style_table(result.scored)})
+    finally:
+        if evaluator is not None:
+            evaluator.close()
     table = pd.DataFrame(rows)
     markdown = table.drop(columns="checkpoint").to_markdown(index=False, floatfmt=".1f")
     print(markdown)

@@ -58,7 +58,7 @@ class Reranker(nn.Module):
     @classmethod
     def from_checkpoint(cls, path: str) -> "Reranker":
         """A new reranker whose backbone is the HF checkpoint's (dropout off, fp32) and head is 0."""
-        from learner.model import load_causal_lm
+        from formats.hf import load_causal_lm
         return cls(load_causal_lm(path, "fp32", base_only=True))
 
     @classmethod
@@ -76,7 +76,7 @@ class Reranker(nn.Module):
         """Backbone, head, the source checkpoint's tokenizer and ``meta`` into ``out_dir``."""
         from safetensors.torch import save_file
 
-        from learner.export import copy_tokenizer
+        from formats.hf import copy_tokenizer
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         self.backbone.save_pretrained(out_dir, safe_serialization=True)

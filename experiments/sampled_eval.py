@@ -1,8 +1,8 @@
 """Sampling-based evaluation (``reft eval``) and the reranker's training data (``reft train-reranker``).
 
-Both sample through the same actors as the RL stage: a ``RolloutFleet`` of vLLM engines serving
-the checkpoint and the sandboxed reward actor, which judges every sample exactly as the RL
-reward does. The driver only submits, collects and computes (``experiments.voting``).
+Both sample through the RL stage's evaluator (``cluster.evaluate.FleetEvaluator``): a
+``RolloutFleet`` of vLLM engines serving the checkpoint and the sandboxed reward actor, which
+judges every sample exactly as the RL reward does. The driver only submits, collects and computes (``experiments.voting``).
 
     reft eval             greedy top-1; K samples per question at temperature T: voting accuracy
                           with the first k samples (k = 1..K), pass@k, and with --rerank the
@@ -19,30 +19,14 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import Optional, Sequence
 
 from cluster.config import RunConfig
 from cluster.config_io import ConfigError, load_config
-from experiments.records import Example, build_prompt
-
-if TYPE_CHECKING:   # the actors' modules import torch and Ray; the CLI imports this lazily anyway
-    from actors.rollout import Sample
-    from rewards.score import Score
+from cluster.evaluate import FleetEvaluator, Scored
+from formats.records import Example
 
 logger = logging.getLogger("reft")
-
-# Request seeds: base + phase offset + question index, so that greedy, evaluation samples,
-# reranker-training samples and offline self-training's samples (``cluster.baselines``) of one
-# question never share a seed.
-SEED_OFFSETS = {"greedy": 0, "eval": 10_000_000, "reranker": 20_000_000, "self_training": 30_000_000}
-
-
-@dataclasses.dataclass(frozen=True)
-class Scored:
-    """One sample of a question and the reward actor's verdict on it."""
-    sample: "Sample"
-    score: "Score"
-
 
 # ------------------------------------------------------------------------- config and questions
 
@@ -87,7 +71,7 @@ def resolve_config(checkpoint: Path, dataset: Optional[str], cot_kind: Optional[
 
 def load_questions(cfg: RunConfig, split: str, max_questions: Optional[int] = None) -> list[Example]:
     """The first ``max_questions`` questions of ``cfg.data``'s dataset split (all when None)."""
-    from experiments.datasets import load_dataset
+    from tasks.datasets import load_dataset
     d = cfg.data
     examples = load_dataset(d.dataset, split, d.cot_kind, data_dir=Path(d.data_dir) if d.data_dir else None,
                             path=d.test_path if split == "test" else d.train_path, synthetic_config=d.synthetic)
@@ -95,86 +79,6 @@ def load_questions(cfg: RunConfig, split: str, max_questions: Optional[int] = No
     if not examples:
         raise ConfigError(f"{d.dataset}/{split}: no questions to evaluate")
     return examples
-
-
-# ------------------------------------------------------------------------- the sampling actors
-
-
-class Sampler:
-    """The vLLM fleet serving one checkpoint plus a reward actor, for the life of a ``with`` block.
-
-    Actor names (``eval-rollout-N``, ``reward-eval``) differ from a training run's, so an
-    evaluation can share a Ray cluster with one.
-    """
-
-    REWARD_NAME = "reward-eval"
-
-    def __init__(self, cfg: RunConfig, checkpoint: Path):
-        from actors.fleet import RolloutFleet
-        from actors.reward import launch
-        from cluster.runtime import init_ray
-
-        self.cfg = cfg
-        init_ray(cfg)
-        # Evaluation never moves weights, so the transport is never used: "shm" needs nothing (a
-        # run config's "auto" would otherwise need a run mode's plan to resolve it).
-        rollout = dataclasses.replace(cfg.rollout, model=str(checkpoint), sync="shm")
-        self.fleet = RolloutFleet(rollout, name_prefix="eval-rollout")
-        try:
-            self.reward = launch(cfg.reward, name=self.REWARD_NAME)
-        except BaseException:
-            self.fleet.shutdown()
-            raise
-
-    def __enter__(self) -> "Sampler":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def sample(self, examples: Sequence[Example], n: int, temperature: float, max_tokens: int,
-               phase: str) -> list[list[Scored]]:
-        """``n`` scored samples of every question (``[question][i]``, sample order kept).
-
-        Finished requests go to the reward actor chunk by chunk while the rest still decode, as in
-        the RL step; a tqdm bar counts samples.
-        """
-        from tqdm import tqdm
-
-        from actors.reward import collect_scored
-        from actors.rollout import SampleRequest
-
-        seed0 = self.cfg.seed * 1_000_003 + SEED_OFFSETS[phase]
-        requests = [SampleRequest(request_id=f"{phase}-q{i}", prompt=build_prompt(e.question, e.cot_kind), n=n,
-                                  temperature=temperature, max_tokens=max_tokens, seed=seed0 + i)
-                    for i, e in enumerate(examples)]
-        index_of = {r.request_id: i for i, r in enumerate(requests)}
-        self.fleet.submit(requests)
-        with tqdm(total=len(requests) * n, desc=f"{phase} (n={n}, T={temperature:g})", unit="sample") as bar:
-            samples, scores = collect_scored(self.fleet, self.reward, lambda s: examples[index_of[s.request_id]],
-                                             len(requests) * n, self.cfg.rollout.call_timeout_s,
-                                             self.cfg.cluster.call_timeout_s, on_chunk=lambda c: bar.update(len(c)))
-        out: list[list[Scored]] = [[] for _ in examples]
-        for sample, score in zip(samples, scores):
-            out[index_of[sample.request_id]].append(Scored(sample, score))
-        for row in out:
-            row.sort(key=lambda s: s.sample.index)
-        return out
-
-    def close(self) -> None:
-        import ray
-        try:
-            self.fleet.shutdown()
-            ray.get(self.reward.close.remote(), timeout=30)   # stops its sandbox workers
-        finally:
-            ray.kill(self.reward, no_restart=True)
-        deadline = time.monotonic() + 30   # free the name for the next Sampler in this cluster
-        while time.monotonic() < deadline:
-            try:
-                ray.get_actor(self.REWARD_NAME, namespace="reft")
-            except ValueError:
-                return
-            time.sleep(0.1)
 
 
 # ------------------------------------------------------------------------- reft eval
@@ -193,8 +97,8 @@ def run_eval(cfg: RunConfig, checkpoint: Path, split: str, samples: int, tempera
     examples = load_questions(cfg, split, max_questions)
     if reranker is not None:
         _check_same_tokenizer(reranker, checkpoint)   # before minutes of sampling
-    with Sampler(cfg, checkpoint) as sampler:
-        greedy = [row[0] for row in sampler.sample(examples, 1, 0.0, max_tokens, "greedy")]
+    with FleetEvaluator.start(cfg, checkpoint) as sampler:
+        greedy = sampler.greedy(examples, max_tokens).scored
         sampled = sampler.sample(examples, samples, temperature, max_tokens, "eval")
 
     answers = [[s.score.answer for s in row] for row in sampled]
@@ -230,7 +134,7 @@ def run_eval(cfg: RunConfig, checkpoint: Path, split: str, samples: int, tempera
 def score_with_reranker(reranker: Path, sampled: list[list[Scored]]) -> list[list[float]]:
     """The reranker's logit for every sample (prompt + completion token ids, as sampled)."""
     from experiments.reranker import Reranker
-    from experiments.tiny_model import load_tokenizer
+    from formats.hf import load_tokenizer
     from learner.data import Tokenized
 
     model = Reranker.load(reranker)
@@ -248,7 +152,7 @@ def write_eval(out: Path, result: dict, examples: Sequence[Example], greedy: Seq
     every sample's answer and verdict, the vote, the reranker's scores), voting.png."""
     import pandas as pd
 
-    from cluster.report import plot_voting
+    from experiments.report import plot_voting
     from experiments.voting import majority_vote, rerank_pick
 
     out.mkdir(parents=True, exist_ok=True)
@@ -296,13 +200,13 @@ def run_train_reranker(cfg: RunConfig, checkpoint: Path, out: Path, samples: int
     ``out``. Returns the metadata written to ``out/reranker.json``."""
     from cluster.metrics import MetricsLogger
     from experiments import reranker as rr
-    from experiments.tiny_model import load_tokenizer
+    from formats.hf import load_tokenizer
     from learner.data import Tokenized
 
     start = time.perf_counter()
     max_tokens = max_new_tokens or cfg.rl.max_new_tokens
     examples = load_questions(cfg, "train", max_questions)
-    with Sampler(cfg, checkpoint) as sampler:
+    with FleetEvaluator.start(cfg, checkpoint) as sampler:
         sampled = sampler.sample(examples, samples, temperature, max_tokens, "reranker")
     flat = [s for row in sampled for s in row]
     sequences = [Tokenized(list(s.sample.prompt_token_ids), list(s.sample.completion_token_ids)) for s in flat]
@@ -333,7 +237,7 @@ def _pad_id(tokenizer) -> int:
 def _check_same_tokenizer(reranker: Path, checkpoint: Path) -> None:
     """The reranker reads the sampler's token ids: both must use one vocabulary."""
     from experiments.reranker import META_FILE
-    from experiments.tiny_model import load_tokenizer
+    from formats.hf import load_tokenizer
     if not (Path(reranker) / META_FILE).is_file():
         raise FileNotFoundError(f"--rerank {reranker}: no {META_FILE} (not made by reft train-reranker)")
     if load_tokenizer(reranker).get_vocab() != load_tokenizer(checkpoint).get_vocab():

@@ -40,14 +40,15 @@ import sys
 import time
 from pathlib import Path
 
-from cluster.config import ALGORITHMS, SFT_ALGORITHMS, RunConfig
+from cluster.config import RunConfig
 from cluster.config_io import load_config
+from cluster.recipes import RECIPES
 
 REPO = Path(__file__).resolve().parents[1]
 ALGORITHM_CONFIGS = REPO / "experiments" / "configs" / "synthetic"
 DEFAULT_BASE = ALGORITHM_CONFIGS / "reft.yaml"   # the warm-up's config: any of the six would do
 ORDER = ("sft", "offline_st", "online_st", "reft", "grpo", "rloo")   # the paper's rows, baselines first
-assert set(ORDER) == set(ALGORITHMS)
+assert set(ORDER) == set(RECIPES)
 # Every command here starts its own short-lived Ray: a dashboard per command would only add
 # start-up time and CPU load on a 2-core machine.
 ALWAYS = ["cluster.dashboard=false"]
@@ -85,7 +86,7 @@ def main(argv=None) -> int:
     # 2. every algorithm from it
     for alg in args.algorithms:
         # No SFT-continued inside the RL runs (reft train's own table): here the sft row is that baseline.
-        own = [] if alg in SFT_ALGORITHMS else ["rl.compare_sft=false"]
+        own = [] if not RECIPES[alg].samples else ["rl.compare_sft=false"]
         reft(alg, "train", "--config", str(ALGORITHM_CONFIGS / f"{alg}.yaml"), f"out_dir={out}", f"name={alg}",
              f"rl.warmup_checkpoint={warmup}", *own, *overrides)
 
@@ -155,7 +156,7 @@ def run_reft(log: Path, *command: str) -> float:
     print("$ reft " + " ".join(command), flush=True)
     start = time.perf_counter()
     with open(log, "w") as f:
-        code = subprocess.run([sys.executable, "-m", "cluster.cli", *command], stdout=f, stderr=subprocess.STDOUT,
+        code = subprocess.run([sys.executable, "-m", "experiments.cli", *command], stdout=f, stderr=subprocess.STDOUT,
                               check=False).returncode
     seconds = time.perf_counter() - start
     if code != 0:
@@ -175,7 +176,7 @@ def final_model(run_dir: Path, alg: str) -> Path:
     export every epoch to ``rl/epoch-N``; the RL loops export ``checkpoints/step-N/policy``, the
     last named by ``checkpoints/latest``. The final one, not the best: one rule for every row, and
     the one Table 2's top-1 (the last evaluation) describes."""
-    if alg in SFT_ALGORITHMS:
+    if not RECIPES[alg].samples:
         return last_epoch(run_dir / "rl")
     return run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip() / "policy"
 

@@ -145,9 +145,9 @@ class AdvantageConfig:
     def __post_init__(self):
         for key in ("gamma", "lam"):
             if not 0.0 <= getattr(self, key) <= 1.0:
-                raise ValueError(f"[advantage] {key} must lie in [0, 1], got {getattr(self, key)}")
+                raise ValueError(f"rl.advantage.{key} must lie in [0, 1], got {getattr(self, key)}")
         if self.eps <= 0:
-            raise ValueError(f"[advantage] eps must be > 0, got {self.eps}")
+            raise ValueError(f"rl.advantage.eps must be > 0, got {self.eps}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,7 +190,6 @@ def shape_rewards(
     ref_logprobs: Tensor,
     mask: Tensor,
     kl_coef: float,
-    kl_estimator: str = "k1",
 ) -> ShapedRewards:
     """The paper's per-token reward: r_total_t = score * 1[t = last generated token] - beta * KL_t.
 
@@ -206,7 +205,7 @@ def shape_rewards(
         raise ValueError(f"kl_coef (beta) must be >= 0, got {kl_coef}")
     _check_shapes(logprobs=logprobs, ref_logprobs=ref_logprobs, mask=mask)
     valid = mask.bool()
-    kl = torch.where(valid, kl_penalty(logprobs, ref_logprobs, kl_estimator), 0.0)
+    kl = torch.where(valid, kl_penalty(logprobs, ref_logprobs, "k1"), 0.0)   # the paper's log-ratio
     last = last_token_index(mask)  # (B,), -1 for empty rows: matches no position below
     positions = torch.arange(mask.shape[-1], device=mask.device)
     is_last = positions.unsqueeze(0) == last.unsqueeze(1)  # (B, T)

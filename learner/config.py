@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from learner.algos import POLICY_LOSSES, VALUE_LOSSES
 from learner.masked import AGG_MODES
 
 VALUE_HEADS = ("shared", "separate")
@@ -99,16 +100,19 @@ class LearnerConfig:
     vf_coef: float = 5.0
     """Value-loss coefficient alpha in L = L_policy + alpha * L_value; 5 as the paper."""
 
+    policy_loss: str = "ppo"
+    """The registered policy loss (``learner.algos.POLICY_LOSSES``): "ppo", the clipped surrogate of
+    the paper (and of GRPO/RLOO, whose advantages differ, not their loss)."""
+
+    value_loss: str = "clipped"
+    """The registered value loss (``learner.algos.VALUE_LOSSES``): "clipped", PPO's clipped squared
+    error as the paper's code; "mse", the plain squared error."""
+
     loss_agg_mode: str = "seq-mean-token-mean"
     """How PPO's per-token losses become a scalar (``learner.masked.agg_loss``). The paper's code
     averages over each sequence's tokens, then over sequences ("seq-mean-token-mean"); "token-mean"
     weighs every token equally. Either is divided by GLOBAL counts, so data parallelism does not
     change it. (SFT always uses "token-mean", as HF's cross-entropy with -100 labels.)"""
-
-    temperature: float = 1.0
-    """The sampler's temperature: log-probs are taken of softmax(logits / temperature), the
-    distribution the rollout actually sampled from, or PPO's ratio compares different policies.
-    1.0 as the paper."""
 
     seed: int = 42
     """Random seed; rank r seeds with ``seed + r`` (as the paper's ``set_seed(seed + process_index)``).
@@ -130,12 +134,14 @@ class LearnerConfig:
             ("backend", BACKENDS),
             ("lr_schedule", LR_SCHEDULES),
             ("loss_agg_mode", AGG_MODES),
+            ("policy_loss", POLICY_LOSSES),
+            ("value_loss", VALUE_LOSSES),
         ):
             if getattr(self, key) not in allowed:
                 fail(key, f"one of {list(allowed)}")
         if self.zero_stage not in (0, 1, 2, 3):
             fail("zero_stage", "0..3")
-        for key in ("lr", "adam_eps", "clip_eps", "vf_clip_eps", "temperature"):
+        for key in ("lr", "adam_eps", "clip_eps", "vf_clip_eps"):
             if not getattr(self, key) > 0:
                 fail(key, "> 0")
         for key in ("weight_decay", "grad_clip", "vf_coef"):

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from experiments.records import Example, build_prompt, pcot_header
+from formats.records import Example, pcot_header, prompt_token_ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +40,7 @@ def sft_target(example: Example) -> str:
 
 def tokenize_sft(tokenizer, example: Example) -> Tokenized:
     """Prompt and target token ids; the target ends with EOS so the model learns to stop."""
-    prompt_ids = tokenizer.encode(build_prompt(example.question, example.cot_kind), add_special_tokens=False)
+    prompt_ids = prompt_token_ids(tokenizer, example)
     response_ids = tokenizer.encode(sft_target(example), add_special_tokens=False) + [tokenizer.eos_token_id]
     return Tokenized(prompt_ids, response_ids)
 

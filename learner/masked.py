@@ -83,8 +83,9 @@ def agg_loss(
 
     Modes:
         ``"token-mean"``: sum of the token losses / number of tokens (every token weighs the same;
-            the paper's code, ``masked_mean``).
-        ``"seq-mean-token-mean"``: mean over tokens within each sequence, then mean over sequences.
+            ``masked_mean``).
+        ``"seq-mean-token-mean"``: mean over tokens within each sequence, then mean over sequences
+            (the paper's code).
         ``"seq-mean-token-sum"``: sum over tokens within each sequence, then mean over sequences.
     Sequences whose mask is all 0 contribute nothing and are not counted.
 

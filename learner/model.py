@@ -14,37 +14,15 @@ from __future__ import annotations
 from contextlib import nullcontext
 from typing import Callable, ContextManager, NamedTuple, Optional
 
-import torch
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedModel
+from transformers import PreTrainedModel
 
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+from formats.hf import load_causal_lm
 
 
 class Output(NamedTuple):
     logits: Tensor  # (B, L, V): logits[:, t] score token t + 1
     values: Tensor  # (B, L) float32: V(state after tokens 0..t)
-
-
-def load_causal_lm(path_or_id: str, dtype: str, base_only: bool = False) -> PreTrainedModel:
-    """An HF model with every dropout set to 0 (``base_only``: without the LM head, for a critic).
-
-    Dropout is switched off in the config, before the modules copy their rates: PPO's ratio
-    compares the policy under training with the log-probs recomputed in eval mode, and dropout
-    would make them differ before any update (the paper's code calls ``disable_dropout_in_model``).
-    Every config float whose name says dropout ("attention_dropout", GPT-2's "attn_pdrop", ...) is
-    zeroed; the nn.Dropout modules are zeroed too, for models that hard-code a rate.
-    """
-    config = AutoConfig.from_pretrained(path_or_id)
-    for key, value in config.to_dict().items():
-        if isinstance(value, float) and ("dropout" in key or key.endswith("pdrop")):
-            setattr(config, key, 0.0)
-    cls = AutoModel if base_only else AutoModelForCausalLM
-    model = cls.from_pretrained(path_or_id, config=config, dtype=TORCH_DTYPES[dtype])
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-    return model
 
 
 def load_reference(path_or_id: str, dtype: str) -> PreTrainedModel:

@@ -32,6 +32,7 @@ import logging
 import os
 import socket
 import time
+from pathlib import Path
 from typing import NamedTuple, Optional
 
 import ray
@@ -40,15 +41,23 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from actors.weight_sync import WeightHandle, WeightSync, make_weight_sync
+from formats.hf import save_hf_checkpoint
 from learner.algos import (
     entropy_from_logits,
+    get_policy_loss,
+    get_value_loss,
     logprobs_from_logits,
-    policy_loss_ppo,
     ppo_total_loss,
-    value_loss_clipped,
 )
 from learner.config import LearnerConfig
-from learner.engine import Engine, StepStats, init_distributed, resolve_backend, seed_everything
+from learner.engine import (
+    Engine,
+    StepStats,
+    init_distributed,
+    resolve_backend,
+    seed_everything,
+)
 from learner.masked import masked_sum
 
 logger = logging.getLogger(__name__)
@@ -67,9 +76,11 @@ class TokenOutputs(NamedTuple):
     entropy: Optional[Tensor]  # (B, L) float32: entropy of the distribution token t was drawn from
 
 
-class PolicyScores(NamedTuple):
-    logprobs: Tensor  # (B, L) float32, 0 off the response
-    values: Tensor  # (B, L) float32, 0 off the response
+class Scores(NamedTuple):
+    """What the learner computes of a sampled batch before an update, in one call (``score``)."""
+    logprobs: Tensor  # (B, L) float32 log pi_theta, 0 off the response: PPO's old policy (on-policy)
+    values: Tensor  # (B, L) float32 V(state before each token), 0 off the response
+    ref_logprobs: Optional[Tensor]  # (B, L) float32 log pi_ref, 0 off the response; None without a reference
 
 
 def token_outputs(
@@ -156,6 +167,9 @@ class LearnerWorker:
             LOCAL_RANK="0",
         )
         self.engine: Optional[Engine] = None
+        self._export: Optional[dict[str, Tensor]] = None   # this version's weights, exported once
+        self._sync: Optional[WeightSync] = None             # rank 0: the samplers' weight publisher
+        self.num_exports = 0
 
     def get_master_addr_port(self) -> tuple[str, int]:
         return self.master_addr, self.master_port
@@ -175,46 +189,37 @@ class LearnerWorker:
     # ------------------------------------------------------------------ scoring (no grad)
 
     @torch.no_grad()
-    def compute_logprobs_and_values(self, batch: dict[str, Tensor]) -> PolicyScores:
-        """log pi(token t) and V(state before token t) of the current policy, in one forward per
-        micro-batch: the old policy of a PPO update."""
+    def score(self, batch: dict[str, Tensor], temperature: float, with_reference: bool) -> Scores:
+        """Before an update: log pi(token t) and V(state before token t) of the current policy
+        (one forward per micro-batch) and, with ``with_reference``, log pi_ref (one more), at the
+        sampler's ``temperature``. One call, so the batch crosses to the learner once for both."""
         _check_batch(batch, BATCH_KEYS)
+        if with_reference and self.engine.reference is None:
+            raise ValueError(f"rank {self.rank}: score(with_reference=True) on a learner built without "
+                             "a reference model (learner.with_reference)")
         self.engine.train(False)
         logprobs, values = _zeros_like_tokens(batch), _zeros_like_tokens(batch)
+        ref = _zeros_like_tokens(batch) if with_reference else None
         for rows, mb in self._micro_batches(batch, BATCH_KEYS, 0, _num_rows(batch)):
-            out = self.engine.forward(mb["input_ids"], mb["attention_mask"])
-            tok = token_outputs(mb["input_ids"], out.logits, out.values, self.cfg.temperature)
             width = mb["input_ids"].shape[1]
+            out = self.engine.forward(mb["input_ids"], mb["attention_mask"])
+            tok = token_outputs(mb["input_ids"], out.logits, out.values, temperature)
             logprobs[rows, :width] = tok.logprobs.cpu()
             values[rows, :width] = tok.values.cpu()
-        return PolicyScores(_on_response(logprobs, batch), _on_response(values, batch))
-
-    def compute_logprobs(self, batch: dict[str, Tensor]) -> Tensor:
-        """(B, L) log pi_theta of each response token, 0 elsewhere."""
-        return self.compute_logprobs_and_values(batch).logprobs
-
-    def compute_values(self, batch: dict[str, Tensor]) -> Tensor:
-        """(B, L) V(state before each response token), 0 elsewhere."""
-        return self.compute_logprobs_and_values(batch).values
-
-    @torch.no_grad()
-    def compute_ref_logprobs(self, batch: dict[str, Tensor]) -> Tensor:
-        """(B, L) log pi_ref of each response token, 0 elsewhere."""
-        _check_batch(batch, BATCH_KEYS)
-        logprobs = _zeros_like_tokens(batch)
-        for rows, mb in self._micro_batches(batch, BATCH_KEYS, 0, _num_rows(batch)):
-            logits = self.engine.reference_logits(mb["input_ids"], mb["attention_mask"])
-            tok = token_outputs(mb["input_ids"], logits, temperature=self.cfg.temperature)
-            logprobs[rows, : mb["input_ids"].shape[1]] = tok.logprobs.cpu()
-        return _on_response(logprobs, batch)
+            if ref is not None:
+                logits = self.engine.reference_logits(mb["input_ids"], mb["attention_mask"])
+                ref[rows, :width] = token_outputs(mb["input_ids"], logits, temperature=temperature).logprobs.cpu()
+        return Scores(_on_response(logprobs, batch), _on_response(values, batch),
+                      None if ref is None else _on_response(ref, batch))
 
     # ------------------------------------------------------------------ training
 
-    def ppo_update(self, batch: dict[str, Tensor]) -> dict[str, float]:
+    def ppo_update(self, batch: dict[str, Tensor], temperature: float) -> dict[str, float]:
         """``ppo_epochs`` passes over this rank's shard, each cut into ``ppo_mini_batches``
         mini-batches taken in order (one optimizer step each, accumulated over micro-batches).
 
-        Loss per step: L = L_policy + vf_coef * L_value (``learner.algos``), aggregated with
+        Loss per step: L = L_policy + vf_coef * L_value, the registered losses that
+        ``learner.policy_loss`` and ``learner.value_loss`` name (``learner.algos``), aggregated with
         ``loss_agg_mode`` over the step's GLOBAL counts (module docstring). Returns ``PPO_METRICS``
         (global per step, averaged over the steps),
         ``grad_norm`` (pre-clip, averaged over the steps), ``lr`` (of the last step) and
@@ -222,6 +227,7 @@ class LearnerWorker:
         """
         _check_batch(batch, PPO_KEYS)
         cfg = self.cfg
+        policy_loss, value_loss = get_policy_loss(cfg.policy_loss), get_value_loss(cfg.value_loss)
         bounds = self._mini_batch_bounds(batch)
         token_counts, seq_counts = self._global_counts(batch, bounds)
         self.engine.train(True)
@@ -233,16 +239,16 @@ class LearnerWorker:
                 step_sums = torch.zeros(len(PPO_METRICS), dtype=torch.float64, device=self.engine.device)
                 for mb in self._accumulation(batch, PPO_KEYS, start, stop):
                     out = self.engine.forward(mb["input_ids"], mb["attention_mask"])
-                    tok = token_outputs(mb["input_ids"], out.logits, out.values, cfg.temperature, with_entropy=True)
+                    tok = token_outputs(mb["input_ids"], out.logits, out.values, temperature, with_entropy=True)
                     mask = mb["response_mask"]
                     # Divided by the step's GLOBAL counts: the micro-batch losses of all ranks
                     # add up to the loss of the whole step.
                     global_counts = {"num_tokens_global": n_tokens, "num_seqs_global": n_seqs}
-                    pg = policy_loss_ppo(
+                    pg = policy_loss(
                         tok.logprobs, mb["old_logprobs"], mb["advantages"], mask,
                         clip_eps=cfg.clip_eps, agg_mode=cfg.loss_agg_mode, **global_counts,
                     )
-                    vf = value_loss_clipped(
+                    vf = value_loss(
                         tok.values, mb["old_values"], mb["returns"], mask,
                         clip_eps=cfg.vf_clip_eps, agg_mode=cfg.loss_agg_mode, **global_counts,
                     )
@@ -267,6 +273,7 @@ class LearnerWorker:
         metrics["grad_norm"] = sum(s.grad_norm for s in steps) / len(steps)
         metrics["lr"] = steps[-1].lr
         metrics["optimizer_steps"] = float(len(steps))
+        self._changed()
         return metrics
 
     def sft_step(self, batch: dict[str, Tensor]) -> dict[str, float]:
@@ -297,6 +304,7 @@ class LearnerWorker:
             self.engine.backward(loss * self.world_size)  # x world_size: see the module docstring
             total += loss.detach().double()
         stats = self.engine.step()
+        self._changed()
         return {
             "loss": float(self._all_reduce_sum(total)),
             "grad_norm": stats.grad_norm,
@@ -313,12 +321,76 @@ class LearnerWorker:
 
     def load_checkpoint(self, ckpt_dir: str) -> dict:
         """Restore ``save_checkpoint``'s state; returns its ``client_state``. Collective."""
-        return self.engine.load_checkpoint(ckpt_dir)
+        state = self.engine.load_checkpoint(ckpt_dir)
+        self._changed()
+        return state
+
+    # ------------------------------------------------------------------ weights out
 
     def export_weights(self) -> Optional[dict[str, Tensor]]:
         """The policy's full weights under the HF model's names, on CPU, no value head: the dict on
-        rank 0, None elsewhere. Collective (under ZeRO-3 the ranks gather each parameter)."""
-        return self.engine.export_weights()
+        rank 0, None elsewhere. Collective (under ZeRO-3 the ranks gather each parameter). Exported
+        once per version: until the next update, later calls return the same dict (the sync and a
+        checkpoint of one step share it)."""
+        if self._export is None:
+            self._export = self.engine.export_weights()
+            self.num_exports += 1
+        return self._export
+
+    def open_weight_sync(self, rollout_cfg) -> None:
+        """Rank 0 becomes the publisher of the weights for the samplers of ``rollout_cfg`` (its
+        ``sync`` transport): ``publish_weights`` then writes or sends them from here, and the
+        driver only passes the small handle on."""
+        if self.rank == 0:
+            self.close_weight_sync()
+            self._sync = make_weight_sync(rollout_cfg)
+
+    def publish_weights(self, version: int) -> Optional[WeightHandle]:
+        """Export (collective) and, on rank 0, publish the weights as ``version``: checks, checksums,
+        the probe's expectation (HF on these very tensors), then the transport's write / put /
+        held for the broadcast. Returns the handle on rank 0, None elsewhere."""
+        weights = self.export_weights()
+        if self.rank != 0:
+            return None
+        if self._sync is None:
+            raise RuntimeError("publish_weights before open_weight_sync")
+        return self._sync.publish(weights, version)
+
+    def save_policy(self, out_dir: str) -> Optional[str]:
+        """The policy as an HF model directory (``reft eval`` loads it) from this version's export
+        (collective; rank 0 writes)."""
+        weights = self.export_weights()
+        if self.rank != 0:
+            return None
+        return str(save_hf_checkpoint(weights, self.cfg.model, Path(out_dir)))
+
+    # The broadcast transports' sender half, for the fleet on the driver (``actors.weight_sync.RemoteSender``).
+    def weight_sync_prepare(self, receiver: str) -> dict:
+        return self._sync.prepare(receiver)
+
+    def weight_sync_open(self, receiver: str, info: dict, timeout_s: float) -> None:
+        self._sync.open(receiver, info, timeout_s)
+
+    def weight_sync_detach(self, receiver: str) -> None:
+        if self._sync is not None:
+            self._sync.detach(receiver)
+
+    def weight_sync_transmit(self, handle: WeightHandle, receivers: list[str], timeout_s: float) -> None:
+        self._sync.transmit(handle, receivers, timeout_s)
+
+    def close_weight_sync(self) -> None:
+        """Release what the publisher holds (its /dev/shm directory, broadcast groups)."""
+        if self._sync is not None:
+            self._sync.close()
+            self._sync = None
+
+    def stats(self) -> dict:
+        """Counters for tests and benchmarks: how often the weights were exported."""
+        return {"exports": self.num_exports}
+
+    def _changed(self) -> None:
+        """The weights changed (an optimizer step, a restore): the next export is a new one."""
+        self._export = None
 
     # ------------------------------------------------------------------ helpers
 

@@ -17,7 +17,7 @@ import dataclasses
 import re
 from typing import Iterable, Sequence
 
-from experiments.records import ANSWER_TRIGGER, Example
+from formats.records import ANSWER_TRIGGER, Example
 from rewards.extract import TRIGGER_STEM, answer_text, parse_number
 from rewards.score import MCQ_DATASETS, Scorer, format_number
 

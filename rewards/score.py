@@ -14,9 +14,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Mapping, Optional, Sequence
 
-from experiments.records import pcot_header
-from rewards.extract import (answer_text, numbers_equal, option_for_value, parse_mcq_letter,
-                             parse_number)
+from formats.records import pcot_header
+from rewards.extract import (
+    answer_text,
+    numbers_equal,
+    option_for_value,
+    parse_mcq_letter,
+    parse_number,
+)
 from rewards.sandbox import ExecResult, ProgramSandbox, SandboxLimits
 
 MCQ_DATASETS = frozenset({"mathqa"})   # answers are option letters a-e

@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from experiments.datasets import load_dataset
-from experiments.synthetic import SyntheticConfig
+from tasks.datasets import load_dataset
+from tasks.synthetic import SyntheticConfig
 from rewards.audit import audit_examples, perturb_ncot, perturb_program, wrong_answers
 from rewards.score import RewardConfig, Scorer, prepare_program
 
@@ -70,7 +70,7 @@ def test_audit_real_svamp_programs(data_dir, scorer):
 
 
 def _reft(*args, stdin=""):
-    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], input=stdin, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "experiments.cli", *args], input=stdin, capture_output=True,
                           text=True, timeout=120)
 
 

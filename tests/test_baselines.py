@@ -11,9 +11,9 @@ from actors.rollout import Sample
 from cluster.baselines import SELF_TRAINING_FILE, online_st_batch, self_training_examples
 from cluster.config import RunConfig
 from cluster.config_io import ConfigError, load_config
-from experiments.records import Example
+from formats.records import Example
 from experiments.sampled_eval import Scored
-from experiments.synthetic import SyntheticConfig, generate
+from tasks.synthetic import SyntheticConfig, generate
 from learner.data import Tokenized
 from rewards.score import Score
 
@@ -102,7 +102,7 @@ def run(tmp_path, warmup, algorithm, *overrides):
     """``reft train`` of ``algorithm`` from the shared warm-up; checks the run directory holds what
     a ReFT run's does and that ``reft report`` reads it."""
     from cluster.metrics import read_metrics
-    from cluster.report import ALGORITHM_LABELS, read_run, write_report
+    from experiments.report import ALGORITHM_LABELS, read_run, write_report
     from cluster.train import run_train
 
     cfg = load_config(RunConfig, "experiments/configs/smoke.yaml",

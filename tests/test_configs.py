@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.cli import main
+from experiments.cli import main
 from cluster.config import ALGORITHMS, RunConfig
 from cluster.config_io import load_config
 

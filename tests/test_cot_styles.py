@@ -2,8 +2,8 @@
 import pytest
 
 from experiments.cot_styles import style, style_table
-from experiments.records import Example
-from experiments.synthetic import SyntheticConfig, generate
+from formats.records import Example
+from tasks.synthetic import SyntheticConfig, generate
 from rewards.score import RewardConfig, Scorer
 
 

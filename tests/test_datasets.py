@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from experiments.datasets import DatasetError, gsm8k_to_ncot, load_dataset, load_gsm8k_jsonl, load_reft_json
-from experiments.records import build_prompt
+from tasks.datasets import DatasetError, gsm8k_to_ncot, load_dataset, load_gsm8k_jsonl, load_reft_json
+from formats.records import build_prompt
 
 
 def test_gsm8k_answer_becomes_paper_ncot():

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from cluster.cli import main
+from experiments.cli import main
 
 SAMPLES, QUESTIONS = 6, 24
 
@@ -66,8 +66,8 @@ def test_train_reranker_eval_and_report(tmp_path, ray_local, capsys):
 
 def test_bad_input_exits_2_naming_the_problem(tmp_path, capsys):
     """Checked before any actor starts."""
-    from experiments.synthetic import SyntheticConfig, generate
-    from experiments.tiny_model import TinyModelConfig, build_tiny_model, corpus_from_examples
+    from tasks.synthetic import SyntheticConfig, generate
+    from tasks.tiny_model import TinyModelConfig, build_tiny_model, corpus_from_examples
 
     assert main(["eval", "--checkpoint", str(tmp_path), "--dataset", "gsm8k"]) == 2
     assert "no config.json" in capsys.readouterr().err

@@ -13,7 +13,8 @@ import transformers
 
 from learner.config import LearnerConfig
 from learner.engine import lr_multiplier
-from learner.model import PolicyWithValue, load_causal_lm
+from formats.hf import load_causal_lm
+from learner.model import PolicyWithValue
 from learner.worker import LearnerWorker, find_free_port, token_outputs
 
 VOCAB = 64

@@ -1,7 +1,7 @@
 """Placement plans of the three run modes, checked without GPUs."""
 import pytest
 
-from cluster.cli import DEFAULT_CONFIG
+from experiments.cli import DEFAULT_CONFIG
 from cluster.config import RunConfig
 from cluster.config_io import ConfigError, load_config
 from cluster.placement import plan_placement

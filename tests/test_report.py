@@ -5,8 +5,8 @@ import math
 import pytest
 import yaml
 
-from cluster.cli import main
-from cluster.report import read_run, table2, table4, write_report
+from experiments.cli import main
+from experiments.report import read_run, table2, table4, write_report
 from experiments.voting import pass_at_k_curve, rerank_curve, voting_curve
 
 

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from experiments.reranker import HEAD_FILE, Reranker, train
-from experiments.synthetic import SyntheticConfig, generate
-from experiments.tiny_model import TinyModelConfig, build_tiny_model, corpus_from_examples, load_tokenizer
+from tasks.synthetic import SyntheticConfig, generate
+from formats.hf import load_tokenizer
+from tasks.tiny_model import TinyModelConfig, build_tiny_model, corpus_from_examples
 from learner.data import Tokenized, tokenize_sft
 
 SYN = SyntheticConfig(num_train=64, num_test=8)

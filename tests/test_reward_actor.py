@@ -6,7 +6,7 @@ expected status, the actor stays alive and serves the next batch, and stats() co
 import pytest
 
 from actors.reward import RewardItem, RewardWorker, launch
-from experiments.records import ANSWER_TRIGGER
+from formats.records import ANSWER_TRIGGER
 from rewards.score import RewardConfig
 
 QUESTION = "Mia has 3 apples. She buys 4 more apples. How many apples does Mia have now?"

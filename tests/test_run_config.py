@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.cli import DEFAULT_CONFIG, main
+from experiments.cli import DEFAULT_CONFIG, main
 from cluster.config import RunConfig
 from cluster.config_io import ConfigError, load_config
 

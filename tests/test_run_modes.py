@@ -17,7 +17,7 @@ import ray
 from ray._raylet import PlacementGroupID
 from ray.util.placement_group import PlacementGroup
 
-from cluster.cli import DEFAULT_CONFIG
+from experiments.cli import DEFAULT_CONFIG
 from cluster.config import RunConfig
 from cluster.config_io import ConfigError, load_config
 from cluster.placement import actor_options, create_placement_group, place, plan_placement

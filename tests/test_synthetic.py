@@ -4,8 +4,8 @@ import re
 
 import pytest
 
-from experiments.records import ANSWER_TRIGGER, pcot_header
-from experiments.synthetic import SyntheticConfig, generate
+from formats.records import ANSWER_TRIGGER, pcot_header
+from tasks.synthetic import SyntheticConfig, generate
 from rewards.extract import answer_text, parse_number
 
 CFG = SyntheticConfig(num_train=200, num_test=100)

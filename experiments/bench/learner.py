@@ -16,11 +16,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from actors.config import RAY_NAMESPACE
+
 
 def build_batch(model_dir: Path, batch_size: int, seed: int = 0):
-    from experiments.synthetic import SyntheticConfig, generate
-    from experiments.tiny_model import load_tokenizer
+    from formats.hf import load_tokenizer
     from learner.data import collate, tokenize_sft
+    from tasks.synthetic import SyntheticConfig, generate
 
     train, _ = generate(SyntheticConfig(num_train=max(batch_size, 64), num_test=10, seed=seed))
     tokenizer = load_tokenizer(model_dir)
@@ -79,8 +81,8 @@ def main(argv=None) -> list[dict]:
 
     import ray
 
-    from experiments.synthetic import SyntheticConfig, generate
-    from experiments.tiny_model import TinyModelConfig, build_tiny_model, corpus_from_examples
+    from tasks.synthetic import SyntheticConfig, generate
+    from tasks.tiny_model import TinyModelConfig, build_tiny_model, corpus_from_examples
 
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -88,7 +90,7 @@ def main(argv=None) -> list[dict]:
         model_dir = build_tiny_model(Path(tmp) / "model", corpus_from_examples(train + test), TinyModelConfig(),
                                      max_value=SyntheticConfig().max_value)
         batch = build_batch(model_dir, args.batch)
-        ray.init(num_cpus=2, include_dashboard=False, namespace="reft")
+        ray.init(num_cpus=2, include_dashboard=False, namespace=RAY_NAMESPACE)
         try:
             for spec in args.configs.split(","):
                 ranks, stage = (int(x) for x in spec.split("x"))

@@ -2,7 +2,7 @@
 
     python -m experiments.bench.rewards [--programs 2000] [--workers N]
 
-Uses the real SVAMP P-CoT/N-CoT gold data when it is found (see `experiments.datasets`), else the
+Uses the real SVAMP P-CoT/N-CoT gold data when it is found (see `tasks.datasets`), else the
 synthetic task's. Prints one line per figure and a JSON summary; not a test.
 """
 from __future__ import annotations
@@ -14,12 +14,12 @@ import time
 
 
 def _corpus(kind: str, n: int):
-    from experiments.datasets import load_dataset
+    from tasks.datasets import load_dataset
     try:
         examples = load_dataset("svamp", "train", kind)
         source = "svamp"
     except FileNotFoundError:
-        from experiments.synthetic import SyntheticConfig
+        from tasks.synthetic import SyntheticConfig
         examples = load_dataset("synthetic", "train", kind, synthetic_config=SyntheticConfig(num_train=n, num_test=10))
         source = "synthetic"
     examples = (examples * (n // len(examples) + 1))[:n]

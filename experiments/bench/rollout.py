@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from actors.config import RAY_NAMESPACE
+
 MODELS = {
     "tiny": dict(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=704),
     "10x": dict(hidden_size=640, num_layers=8, num_heads=10, num_kv_heads=2, intermediate_size=1728),
@@ -35,9 +37,9 @@ MODELS = {
 
 
 def build_models(root: Path) -> tuple[dict[str, Path], list[str]]:
-    from experiments.records import build_prompt
-    from experiments.synthetic import SyntheticConfig, generate
-    from experiments.tiny_model import TinyModelConfig, build_tiny_model, corpus_from_examples
+    from formats.records import build_prompt
+    from tasks.synthetic import SyntheticConfig, generate
+    from tasks.tiny_model import TinyModelConfig, build_tiny_model, corpus_from_examples
 
     syn = SyntheticConfig()
     train, test = generate(syn)
@@ -58,7 +60,7 @@ def start_actor(cfg, name: str):
 
     from actors.rollout import RolloutWorker
     start = time.perf_counter()
-    actor = ray.remote(RolloutWorker).options(name=name, namespace="reft", num_cpus=0.5).remote(cfg, name)
+    actor = ray.remote(RolloutWorker).options(name=name, namespace=RAY_NAMESPACE, num_cpus=0.5).remote(cfg, name)
     health = ray.get(actor.start.remote(), timeout=cfg.start_timeout_s)
     assert health["engine"] == "vllm", health
     return actor, time.perf_counter() - start
@@ -82,8 +84,7 @@ def bench_vllm(actor, prompts: list[str], n: int, max_tokens: int) -> dict:
 def bench_hf(model_dir: Path, prompts: list[str], n: int, max_tokens: int) -> dict:
     import torch
 
-    from experiments.tiny_model import load_tokenizer
-    from learner.model import load_causal_lm
+    from formats.hf import load_causal_lm, load_tokenizer
 
     model = load_causal_lm(str(model_dir), "fp32").eval()
     tokenizer = load_tokenizer(model_dir)
@@ -111,7 +112,7 @@ def perturbed(model_dir: Path, seed: int) -> dict:
     """The model's weights plus a little noise: a new version for every sync."""
     import torch
 
-    from learner.model import load_causal_lm
+    from formats.hf import load_causal_lm
     state = load_causal_lm(str(model_dir), "fp32").state_dict()
     g = torch.Generator().manual_seed(seed)
     return {k: v + 1e-3 * torch.randn(v.shape, generator=g) for k, v in state.items()}
@@ -163,7 +164,7 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         dirs, prompts = build_models(Path(tmp))
         prompts = prompts[:args.prompts]
-        ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="reft", log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, namespace=RAY_NAMESPACE, log_to_driver=False)
         try:
             sync_rows = []
             for name, model_dir in dirs.items():

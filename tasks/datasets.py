@@ -1,6 +1,6 @@
 """Dataset loaders: GSM8K as published, the ReFT repository's json files, and the synthetic task.
 
-Every loader returns `experiments.records.Example`s. Bad input raises `DatasetError`, whose
+Every loader returns `formats.records.Example`s. Bad input raises `DatasetError`, whose
 message names the file, the line (jsonl) or record index (json) and the field.
 
 Where the files live: ``data_dir`` argument, else ``$REFT_DATA_DIR``, else ``./data``, else
@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
-from experiments.records import ANSWER_TRIGGER, Example
+from formats.records import ANSWER_TRIGGER, Example
 from rewards.extract import parse_mcq_options, parse_number
 
 DATASETS = ("gsm8k", "svamp", "mathqa", "mathqa-numeric", "synthetic")
@@ -74,7 +74,7 @@ def load_dataset(dataset: str, split: str = "train", cot_kind: str = "ncot",
                  synthetic_config: Any = None) -> list[Example]:
     """Load one dataset split as `Example`s. ``path`` overrides the file lookup."""
     if dataset == "synthetic":
-        from experiments.synthetic import SyntheticConfig, generate
+        from tasks.synthetic import SyntheticConfig, generate
         train, test = generate(synthetic_config or SyntheticConfig(), cot_kind=cot_kind)
         return train if split == "train" else test
     path = Path(path) if path else dataset_path(dataset, split, cot_kind, data_dir)

@@ -45,3 +45,10 @@ def build_prompt(question: str, cot_kind: str) -> str:
 
 def pcot_header(question: str) -> str:
     return f'def solution():\n    """{question}"""\n'
+
+
+def prompt_token_ids(tokenizer, example: Example) -> list[int]:
+    """The prompt's token ids: the one tokenisation of a prompt, for SFT (``learner.data``), the
+    samplers and every evaluation, so that all of them see the same tokens. No special tokens are
+    added on the way (an engine given text would add its own, e.g. a Llama BOS)."""
+    return tokenizer.encode(build_prompt(example.question, example.cot_kind), add_special_tokens=False)

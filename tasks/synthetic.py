@@ -16,7 +16,7 @@ and P-CoT runs:
   assignment per given number and one per step, ``//`` for division so the result stays an int.
 
 Every count and operand is an integer in [2, max_value]: the word-level tokenizer
-(`experiments.tiny_model`) holds each integer in [0, max_value] as one token, so any arithmetic
+(`tasks.tiny_model`) holds each integer in [0, max_value] as one token, so any arithmetic
 result the model writes is a single token. 0 and 1 never occur, so every count reads as a plural.
 
 The vocabulary is kept to a few hundred words (names, items, a dozen verbs) because the tokenizer
@@ -28,7 +28,7 @@ import dataclasses
 import random
 from typing import NamedTuple, Optional
 
-from experiments.records import ANSWER_TRIGGER, COT_KINDS, Example, pcot_header
+from formats.records import ANSWER_TRIGGER, COT_KINDS, Example, pcot_header
 
 OPERATIONS = ("+", "-", "*", "/")
 

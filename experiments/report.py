@@ -1,11 +1,4 @@
-"""Results as files a person reads: tables (markdown + CSV) and PNG plots.
-
-One run (``reft train``):
-
-    write_results(run_dir, rows)        results.md / results.csv (+ results.json for the headline)
-    plot_curves(path, series)           curves.png: reward and accuracy vs time, train vs test
-
-One evaluation (``reft eval``) and several runs together (``reft report``), in the paper's shapes:
+"""Evaluations and several runs together, in the paper's shapes (``reft eval``, ``reft report``):
 
     plot_voting(path, evals)            voting accuracy (and pass@k, reranking) vs k
     read_run(run_dir) -> RunSummary     config.yaml, results.json, */metrics.jsonl, **/eval-*/eval.json
@@ -24,58 +17,7 @@ import pandas as pd
 import yaml
 
 from cluster.metrics import read_metrics
-
-
-def write_results(run_dir: Path, rows: Sequence[Mapping], headline: Mapping | None = None) -> pd.DataFrame:
-    """One row per model/algorithm; columns are whatever the rows carry (accuracies in percent)."""
-    frame = pd.DataFrame(list(rows))
-    frame.to_csv(Path(run_dir) / "results.csv", index=False)
-    (Path(run_dir) / "results.md").write_text(frame.to_markdown(index=False, floatfmt=".1f") + "\n")
-    if headline is not None:
-        (Path(run_dir) / "results.json").write_text(json.dumps(dict(headline), indent=2) + "\n")
-    return frame
-
-
-def plot_curves(path: Path, series: Mapping[str, Sequence[Mapping]], title: str = "") -> Path:
-    """``series``: name → metric records (``{"step", key: value}``) as in metrics.jsonl.
-
-    Left: training reward (mean score of the sampled CoTs) vs time. Right: greedy accuracy vs
-    time, test solid and train dashed: the gap is SFT's overfitting, the paper's figure.
-    """
-    plt = _pyplot()
-    fig, (ax_r, ax_a) = plt.subplots(1, 2, figsize=(11, 4))
-    for i, (name, records) in enumerate(series.items()):
-        color = f"C{i}"
-        # x = seconds since the phase's first record: phases of different step costs (an RL step
-        # vs an SFT step) compare at equal wall time, which is how the baselines are matched.
-        t0 = records[0]["time"] if records else 0.0
-        reward = [(r["time"] - t0, r["rl/reward_mean"]) for r in records if "rl/reward_mean" in r]
-        if reward:
-            ax_r.plot(*zip(*reward), color=color, label=name)
-        for key, style, label in (("eval/test_accuracy", "-", "test"), ("eval/train_accuracy", "--", "train")):
-            points = [(r["time"] - t0, r[key]) for r in records if key in r]
-            if points:
-                ax_a.plot(*zip(*points), style, color=color, marker="o", label=f"{name} {label}")
-    ax_r.set(xlabel="seconds", ylabel="mean reward of samples", title="training reward")
-    ax_a.set(xlabel="seconds (evaluation time included)", ylabel="greedy accuracy (%)",
-             title="accuracy (test solid, train dashed)")
-    for ax in (ax_r, ax_a):
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
-
-
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")   # files only, no display
-    import matplotlib.pyplot as plt
-    return plt
+from cluster.results import pyplot
 
 
 def plot_voting(path: Path, evals: Mapping[str, Mapping]) -> Path:
@@ -83,7 +25,7 @@ def plot_voting(path: Path, evals: Mapping[str, Mapping]) -> Path:
     majority voting solid, pass@k dashed, reranking dotted (where evaluated), greedy top-1 as a
     horizontal line. pass@k bounds voting from above: the gap is what a perfect selector of the k
     samples would add, and reranking is one such selector."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, (name, result) in enumerate(evals.items()):
         color, curve = f"C{i}", result["curve"]
@@ -205,7 +147,7 @@ def plot_epoch_curves(path: Path, runs: Sequence[RunSummary]) -> Path:
     after each epoch; RL: its samples' accuracy, a moving average, plus greedy at evaluations,
     circles), (3) greedy test accuracy. RL and continued SFT start where the warm-up ended, so the
     x axis counts every epoch since the run began."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax_r, ax_tr, ax_te) = plt.subplots(1, 3, figsize=(15, 4))
     color = 0
     for run in runs:

@@ -14,8 +14,8 @@ that ``reft --help`` stays instant.
 from __future__ import annotations
 
 import argparse
-import logging
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -23,12 +23,19 @@ from pathlib import Path
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "tiny.yaml"
 
 
+def reward_config(args, **fixed):
+    """RewardConfig's defaults, with what the command line set (flags default to None: one source)."""
+    from rewards.score import RewardConfig
+    given = {"partial_reward": getattr(args, "partial_reward", None), "program_timeout_s": args.timeout}
+    return RewardConfig(**{k: v for k, v in given.items() if v is not None}, **fixed)
+
+
 def cmd_reward(args) -> int:
     from rewards.extract import parse_mcq_options
-    from rewards.score import RewardConfig, Scorer
+    from rewards.score import Scorer
 
     completion = sys.stdin.read()
-    cfg = RewardConfig(partial_reward=args.partial_reward, program_timeout_s=args.timeout, sandbox_workers=1)
+    cfg = reward_config(args, sandbox_workers=1)
     options = parse_mcq_options(args.question) if args.question else None
     with Scorer(cfg) as scorer:
         score = scorer.score([completion], [args.gold], args.kind, args.dataset, [options])[0]
@@ -38,9 +45,9 @@ def cmd_reward(args) -> int:
 
 
 def cmd_audit_rewards(args) -> int:
-    from experiments.datasets import DATASETS, SPLITS, load_dataset
     from rewards.audit import audit_examples, format_table
-    from rewards.score import RewardConfig, Scorer
+    from rewards.score import Scorer
+    from tasks.datasets import DATASETS, SPLITS, load_dataset
 
     names = [d for d in DATASETS if d != "synthetic"] if args.dataset == "all" else [args.dataset]
     targets = []   # (dataset, split, kind) with a file
@@ -55,7 +62,7 @@ def cmd_audit_rewards(args) -> int:
             targets += [(name, split, kind) for kind in kinds]
 
     results, missing = [], []
-    with Scorer(RewardConfig(program_timeout_s=args.timeout)) as scorer:
+    with Scorer(reward_config(args)) as scorer:
         for name, split, kind in targets:
             try:
                 examples = load_dataset(name, split, kind, data_dir=args.data_dir, path=args.path)
@@ -114,7 +121,8 @@ def cmd_train(args) -> int:
         cfg = load_config(RunConfig, saved, args.overrides)
     else:
         cfg = load_config(RunConfig, args.config or DEFAULT_CONFIG, args.overrides)
-    cfg.validate()
+    from cluster.recipes import check_config
+    check_config(cfg)
     if args.dry_run:
         print(plan_placement(cfg).describe())
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -155,7 +163,7 @@ def cmd_train_reranker(args) -> int:
 def cmd_report(args) -> int:
     import os
 
-    from cluster.report import write_report
+    from experiments.report import write_report
 
     out = args.out or Path(os.path.commonpath([d.resolve() for d in args.run_dirs])) / "report"
     written = write_report(args.run_dirs, out)
@@ -179,7 +187,7 @@ def _positive_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from experiments.datasets import DATASETS
+    from tasks.datasets import DATASETS
 
     parser = argparse.ArgumentParser(prog="reft", description="ReFT: reinforced fine-tuning for math reasoning, on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -190,8 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gold", required=True, help="the gold answer (a number, or an option letter for mathqa)")
     p.add_argument("--dataset", default="gsm8k", help="decides how answers compare (mathqa = option letters)")
     p.add_argument("--question", default=None, help="mathqa: the question with its options, to map a value to a letter")
-    p.add_argument("--partial-reward", type=float, default=0.1, help="reward for a wrong but extracted answer (paper: 0.1)")
-    p.add_argument("--timeout", type=float, default=10.0, help="program time limit in seconds (paper: 10)")
+    p.add_argument("--partial-reward", type=float, default=None,
+                   help="reward for a wrong but extracted answer (default: reward.partial_reward, the paper's 0.1)")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="program time limit in seconds (default: reward.program_timeout_s, the paper's 10)")
     p.set_defaults(func=cmd_reward)
 
     p = sub.add_parser("audit-rewards", help="score every gold CoT of a dataset and perturbed copies; lists failures")
@@ -200,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", choices=["ncot", "pcot"], default=None, help="default: both where files exist")
     p.add_argument("--path", type=Path, default=None, help="audit this file instead of the dataset's default")
     p.add_argument("--data-dir", type=Path, default=None, help="default: $REFT_DATA_DIR, ./data or ../shared/data")
-    p.add_argument("--timeout", type=float, default=10.0, help="program time limit in seconds")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="program time limit in seconds (default: reward.program_timeout_s)")
     p.add_argument("--json", default=None, help="also write the full report (with failures) to this file")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_audit_rewards)
@@ -255,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     from cluster.config_io import ConfigError
-    from experiments.datasets import DatasetError
+    from tasks.datasets import DatasetError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

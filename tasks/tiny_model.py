@@ -19,33 +19,31 @@ byte-level Qwen2 BPE from our vocabulary: other ids, every reward 0. ``tokenizer
 therefore names ``PreTrainedTokenizerFast`` AND carries an ``auto_map`` entry; transformers skips
 its override when a checkpoint has one, and without ``trust_remote_code=True`` it then loads the
 class the config names. (With ``trust_remote_code=True`` it fails loudly: there is no remote code.)
-`load_tokenizer` sidesteps `AutoTokenizer` for our checkpoints altogether and checks a round trip.
+`formats.hf.load_tokenizer` sidesteps `AutoTokenizer` for our checkpoints altogether and checks a round trip.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 from pathlib import Path
-from typing import Iterable, Sequence, Union
+from typing import Iterable, Union
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig,
-                          PreTrainedTokenizerBase, PreTrainedTokenizerFast)
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    GenerationConfig,
+    PreTrainedTokenizerFast,
+)
 
-from experiments.records import ANSWER_TRIGGER, Example, build_prompt, pcot_header
+from formats.hf import PROBE, TOKENIZER_CLASSES, check_round_trip
+from formats.records import Example, build_prompt, pcot_header
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"   # Qwen2 uses no BOS token, so there is none
-# transformers 5's names for the generic tokenizers-backed class: we write the first, a re-save
-# (e.g. with a learner checkpoint) writes the second. The auto_map survives a re-save.
-TOKENIZER_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
 
 # A newline; a word, number or punctuation mark with its optional leading space; a run of spaces.
 PIECE_PATTERN = r"\n| ?[A-Za-z]+| ?\d+| ?[^\sA-Za-z\d]| +"
-
-# Always in the training corpus, so every tokenizer built here can encode it: `load_tokenizer`'s
-# round-trip check. It holds the prompt/CoT scaffolding (newlines, indentation, quotes, digits).
-PROBE = build_prompt("2 + 3 = 5", "pcot") + "    result = 5\n    return result\n" + f"{ANSWER_TRIGGER} 5"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +114,7 @@ def build_tiny_model(out_dir: Union[str, Path], corpus_texts: Iterable[str], cfg
     out_dir = Path(out_dir)
     corpus_texts = list(corpus_texts)
     tokenizer = train_tokenizer(corpus_texts, max_value, cfg.max_position_embeddings)
-    _check_round_trip(tokenizer, corpus_texts, where="the corpus")
+    check_round_trip(tokenizer, corpus_texts, where="the corpus")
 
     config = AutoConfig.for_model(
         cfg.arch, vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
@@ -139,33 +137,3 @@ def build_tiny_model(out_dir: Union[str, Path], corpus_texts: Iterable[str], cfg
     tokenizer_config["auto_map"] = {"AutoTokenizer": [None, "tokenization_reft.NoRemoteCode"]}
     config_file.write_text(json.dumps(tokenizer_config, indent=2) + "\n")
     return out_dir
-
-
-def load_tokenizer(path: Union[str, Path]) -> PreTrainedTokenizerBase:
-    """The tokenizer of a checkpoint: ours (checked) or any HF model's (via AutoTokenizer).
-
-    A checkpoint whose tokenizer_config.json names the generic class (``PreTrainedTokenizerFast``
-    or ``TokenizersBackend``, as ours do) is loaded with that class directly, never through
-    AutoTokenizer's model-type overrides, and must reproduce text exactly: the reward parses the
-    decoded text, so a tokenizer that alters it cannot be used.
-    """
-    config_file = Path(path) / "tokenizer_config.json"
-    if not config_file.is_file() or json.loads(config_file.read_text()).get("tokenizer_class") not in TOKENIZER_CLASSES:
-        return AutoTokenizer.from_pretrained(path)
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
-    _check_round_trip(tokenizer, [PROBE], where=f"the tokenizer at {path}")
-    return tokenizer
-
-
-def _check_round_trip(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], where: str):
-    """Raise unless every text encodes without <unk> and decodes back to itself exactly.
-
-    A tokenizer that fails this would make the model's outputs differ from what the reward parses.
-    """
-    for text in texts:
-        ids = tokenizer.encode(text)
-        decoded = tokenizer.decode(ids)
-        if tokenizer.unk_token_id in ids or decoded != text:
-            raise ValueError(f"{where}: the tokenizer does not round-trip {text[:80]!r} (got {decoded[:80]!r}); "
-                             "build the tokenizer with experiments.tiny_model.build_tiny_model from a corpus that "
-                             "covers this text")

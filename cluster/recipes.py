@@ -1,0 +1,118 @@
+"""What runs after the warm-up, by name: the registry behind ``rl.algorithm``.
+
+Every recipe follows one small protocol (``Recipe``): ``check`` refuses a config it cannot run
+(naming the keys), ``run`` is the stage after the warm-up and returns its evaluation records
+(step 0 = the warm-up, then one per evaluation), so that ``cluster.train.run_train`` treats them
+all alike. Two families:
+
+    RLRecipe        the RL loop (``cluster.rl``) with the recipe's update: reft (PPO + value head
+                    + GAE, the paper), grpo and rloo (PPO with critic-free advantages over the
+                    question's samples), online_st (SFT on the step's correct samples + gold)
+    SFTStageRecipe  SFT in the RL stage's place (``cluster.baselines.run_sft_stage``): sft (SFT
+                    continued on the gold CoTs), offline_st (gold + the warm-up's correct samples)
+
+``get_recipe`` lists the valid names on a typo. Adding an algorithm is one entry here.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable, Optional, Protocol
+
+from cluster.baselines import OnlineSTLearn, run_sft_stage
+from cluster.config import RunConfig
+from cluster.config_io import ConfigError
+from cluster.rl import Learn, PPOLearn, RLTrainer, latest_checkpoint, run_rl
+from formats.records import Example
+
+
+class Recipe(Protocol):
+    name: str
+    samples: bool   # does its stage sample from the policy (the RL loop)?
+
+    def check(self, cfg: RunConfig) -> None:
+        """Raise ConfigError naming the keys if ``cfg`` cannot run this recipe."""
+
+    def run(self, cfg: RunConfig, base_model: str, run_dir: Path, train: list[Example], test: list[Example],
+            resume: bool) -> list[dict]:
+        """The stage after the warm-up (``cfg.learner.model``; ``base_model``: what it started from)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RLRecipe:
+    name: str
+    make_learn: Callable[["RLRecipe", RunConfig, RLTrainer], Learn]   # the step's update
+    estimator: Optional[str] = None   # a registered advantage estimator (learner.algos), for PPO updates
+    min_samples: int = 1              # samples per question the update needs
+    uses_kl: bool = True              # does the update take the KL penalty (rl.kl_coef)?
+    on_policy: bool = False           # refuses rl.max_staleness > 0 (the paper's baselines are on-policy)
+    samples: bool = True
+
+    def kl_coef(self, cfg: RunConfig) -> float:
+        return cfg.rl.paper_kl_coef(cfg.data.cot_kind) if self.uses_kl else 0.0
+
+    def check(self, cfg: RunConfig) -> None:
+        rl = cfg.rl
+        if rl.samples_per_question < self.min_samples:
+            raise ConfigError(f"rl.samples_per_question must be >= {self.min_samples} for rl.algorithm={self.name} "
+                              f"(the baseline is the other samples of the question), got {rl.samples_per_question}")
+        if rl.top_p < 1:
+            raise ConfigError(f"rl.top_p = {rl.top_p}: the learner scores the untruncated softmax at rl.temperature, "
+                              "so PPO's ratio and the KL would compare another policy than the one sampled; "
+                              "use rl.top_p = 1")
+        if self.on_policy and rl.max_staleness:
+            raise ConfigError(f"rl.max_staleness must be 0 for rl.algorithm={self.name} (the paper's baselines "
+                              f"are on-policy), got {rl.max_staleness}")
+
+    def run(self, cfg, base_model, run_dir, train, test, resume):
+        return run_rl(cfg, cfg.learner.model, run_dir, train, test,
+                      learn=lambda trainer: self.make_learn(self, cfg, trainer),
+                      resume=latest_checkpoint(run_dir) if resume else None)
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTStageRecipe:
+    name: str
+    samples: bool = False
+
+    def check(self, cfg: RunConfig) -> None:
+        if cfg.rl.compare_sft:
+            raise ConfigError(f"rl.compare_sft compares an RL run with SFT for the same time; rl.algorithm="
+                              f"{self.name} is SFT already: set rl.compare_sft=false")
+
+    def run(self, cfg, base_model, run_dir, train, test, resume):
+        return run_sft_stage(cfg, base_model, run_dir, train, test, resume=resume)
+
+
+def ppo_learn(recipe: RLRecipe, cfg: RunConfig, trainer: RLTrainer) -> Learn:
+    return PPOLearn(estimator=recipe.estimator, kl_coef=recipe.kl_coef(cfg))
+
+
+def online_st_learn(recipe: RLRecipe, cfg: RunConfig, trainer: RLTrainer) -> Learn:
+    return OnlineSTLearn(trainer)
+
+
+RECIPES: dict[str, Recipe] = {r.name: r for r in (
+    RLRecipe("reft", ppo_learn, estimator="gae"),
+    RLRecipe("grpo", ppo_learn, estimator="grpo", min_samples=2),
+    RLRecipe("rloo", ppo_learn, estimator="rloo", min_samples=2),
+    # the paper's train_rl_sl.py: SFT losses, no KL term, on-policy
+    RLRecipe("online_st", online_st_learn, uses_kl=False, on_policy=True),
+    SFTStageRecipe("sft"),
+    SFTStageRecipe("offline_st"),
+)}
+
+
+def get_recipe(name: str) -> Recipe:
+    try:
+        return RECIPES[name]
+    except KeyError:
+        raise ConfigError(f"rl.algorithm = {name!r}: unknown; valid names: {sorted(RECIPES)}") from None
+
+
+def check_config(cfg: RunConfig) -> Recipe:
+    """The checks that span sections (``RunConfig.validate``) and the recipe's own; the recipe."""
+    cfg.validate()
+    recipe = get_recipe(cfg.rl.algorithm)
+    recipe.check(cfg)
+    return recipe

@@ -1,0 +1,302 @@
+"""The RL loop after the warm-up: the same questions, the policy's own samples, rewards, updates.
+
+The driver is a single controller: it moves small things between actors (requests, samples,
+scores, weight handles) and runs the batch-wide maths (advantages). One RL step:
+
+    1. questions   next questions_per_step training questions (seeded order, data position kept)
+    2. rollout     the vLLM fleet samples K CoTs per question; samples stream out as they finish
+    3. reward      the reward actor scores them while the rest are still decoding
+    4-6. learn     the recipe's update (``Learn``): for ReFT (``PPOLearn``) the learner scores the
+                   batch (log pi_old, V, log pi_ref in one call), the driver shapes the reward
+                   (score on the last token - beta * KL per token) and takes advantages (GAE, or
+                   GRPO / RLOO), then PPO: ppo_epochs passes of clipped policy + alpha * clipped
+                   value loss. Online self-training's update is SFT (``cluster.baselines``).
+    7. sync        learner rank 0 publishes version v+1 itself; the driver hands the small handle
+                   to every sampler, which loads the weights and proves it holds them
+    8. evaluate    greedy accuracy on the test split every eval_every steps; checkpoint
+
+With ``rl.max_staleness = 1`` the next batch's questions go to the samplers as soon as this
+batch's samples are in: they decode on the weights of version v while the learner runs steps 4-6,
+and the sync of step 7 waits for them (an actor loads new weights only when its running requests
+are done), so every sample of a batch comes from one version, one behind the learner. For such a
+batch PPO's "old" policy, the one in the ratio and the KL penalty, is the sampler's: its log-probs
+come with the samples (equal to the learner's in fp32, docs/measurements.md); the values are the
+learner's.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Callable, Optional, Protocol, Sequence
+
+import torch
+
+from actors.fleet import RolloutFleet
+from actors.reward import collect_scored
+from actors.reward import launch as launch_reward
+from actors.rollout import Sample, SampleRequest
+from actors.weight_sync import RemoteSender
+from cluster.actor_group import unshard
+from cluster.config import RunConfig
+from cluster.config_io import dump_yaml
+from cluster.evaluate import FleetEvaluator
+from cluster.experience import add_advantages, samples_to_batch
+from cluster.metrics import MetricsLogger, progress, summary_line
+from cluster.placement import place
+from cluster.schedule import TrainState, next_questions, peek_questions
+from cluster.sft import start_learners
+from formats.hf import load_tokenizer
+from formats.records import Example, prompt_token_ids
+from learner.worker import PPO_KEYS, LearnerWorker
+
+logger = logging.getLogger("reft")
+
+
+class Learn(Protocol):
+    """The algorithm's half of an RL step (4-6 in the module docstring): from the step's scored
+    samples to an update of the learner; returns the step's metrics. ``with_reference``: whether
+    the learner must hold the frozen reference model."""
+
+    with_reference: bool
+
+    def __call__(self, trainer: "RLTrainer", indices: Sequence[int], samples: Sequence[Sample],
+                 scores: Sequence) -> dict: ...
+
+
+@dataclasses.dataclass
+class PPOLearn:
+    """ReFT's update (and GRPO's, RLOO's: the same PPO loss with critic-free advantages)."""
+    estimator: str                 # a registered advantage estimator (learner.algos)
+    kl_coef: float                 # beta of the per-token KL penalty to the reference
+
+    @property
+    def with_reference(self) -> bool:
+        return self.kl_coef > 0    # the reference model is only needed for the KL penalty
+
+    def __call__(self, trainer, indices, samples, scores):
+        rl, state = trainer.cfg.rl, trainer.state
+        batch = samples_to_batch(samples, trainer.pad_id)
+        scored = unshard(trainer.learners.run_sharded(LearnerWorker.score, batch, rl.temperature,
+                                                      self.with_reference))
+        # A batch sampled one version ago: PPO's old policy is the sampler's (module docstring).
+        stale = min(s.policy_version for s in samples) < state.version
+        old = batch["sampler_logprobs"] if stale else scored.logprobs
+        batch.update(scores=torch.tensor([sc.reward for sc in scores], dtype=torch.float32), old_logprobs=old,
+                     values=scored.values, learner_logprobs=scored.logprobs,
+                     ref_logprobs=scored.ref_logprobs if self.with_reference else old)
+        ppo_batch, metrics = add_advantages(batch, self.estimator, self.kl_coef, rl.advantage)
+        update = trainer.learners.run_sharded(LearnerWorker.ppo_update, {k: ppo_batch[k] for k in PPO_KEYS},
+                                              rl.temperature)[0]
+        metrics.update({f"learner/{k}": v for k, v in update.items()})
+        return metrics
+
+
+def sample_requests(examples: list[Example], indices: Sequence[int], step: int, cfg: RunConfig,
+                    tokenizer) -> list[SampleRequest]:
+    """The step's requests: one per question, its prompt tokenised as SFT tokenises it."""
+    rl = cfg.rl
+    return [SampleRequest(request_id=f"s{step}-q{i}", prompt=tuple(prompt_token_ids(tokenizer, examples[i])),
+                          n=rl.samples_per_question, temperature=rl.temperature, top_p=rl.top_p,
+                          max_tokens=rl.max_new_tokens, seed=cfg.seed * 1_000_003 + step * 10_007 + i,
+                          question_index=i)
+            for i in indices]
+
+
+class RLTrainer:
+    """Owns the actors of one RL run; ``step()`` is one iteration of the module docstring, with
+    the recipe's ``learn`` as steps 4-6."""
+
+    def __init__(self, cfg: RunConfig, warmup: str, run_dir: Path, train: list[Example], test: list[Example],
+                 learn: Callable[["RLTrainer"], Learn]):
+        self.cfg, self.run_dir, self.train_set, self.test_set = cfg, run_dir, train, test
+        self.warmup = warmup
+        self.tokenizer = load_tokenizer(warmup)
+        self.pad_id = self.tokenizer.pad_token_id
+        self.learn = learn(self)
+        learner_cfg = dataclasses.replace(cfg.learner, model=warmup, with_reference=self.learn.with_reference)
+        # Where the actors go (cluster.mode); in local-gpu the engines sleep while the learner trains.
+        self.placement = place(cfg)
+        self.colocate = self.placement.plan.colocate
+        rollout_cfg = self.placement.plan.rollout_config(dataclasses.replace(cfg.rollout, model=warmup))
+        self.learners = self.fleet = self.reward = None
+        try:
+            self.learners = start_learners(cfg, learner_cfg, self.placement)                       # DeepSpeed ranks
+            # Learner rank 0 publishes the weights; the fleet forwards the push transports' calls to it.
+            self.learners.run(LearnerWorker.open_weight_sync, rollout_cfg)
+            sender = RemoteSender(self.learners.actors[0], rollout_cfg.sync, cfg.cluster.call_timeout_s)
+            self.fleet = RolloutFleet(rollout_cfg, sync=sender,
+                                      actor_options=lambda i: self.placement.options("rollout", i))
+            self.reward = launch_reward(cfg.reward, name="reward-0",                               # sandboxed scoring
+                                        num_cpus=self.placement.options("reward")["num_cpus"])
+        except BaseException:
+            self._stop_actors()
+            raise
+        self.evaluator = FleetEvaluator(cfg, self.tokenizer, self.fleet, self.reward)
+        self.state = TrainState()
+        self.total_steps = total_steps(cfg, len(train))
+        self.prefetched: Optional[list[int]] = None   # next step's questions, already sampling (max_staleness 1)
+        self.metrics = MetricsLogger(run_dir / "rl", ray_keys=RAY_KEYS)
+
+    # ---------------------------------------------------------------- one RL step
+    def step(self) -> dict:
+        cfg, rl, state = self.cfg, self.cfg.rl, self.state
+        timing, t0 = {}, time.perf_counter()
+        indices = next_questions(state, len(self.train_set), rl.questions_per_step, cfg.seed)          # 1
+        if self.prefetched != indices:            # on-policy, or the first step (nothing prefetched)
+            self.fleet.submit(sample_requests(self.train_set, indices, state.step, cfg, self.tokenizer))
+        samples, scores = self.collect_and_score(len(indices) * rl.samples_per_question)            # 2, 3
+        self.prefetched = self.prefetch_next() if rl.max_staleness else None
+        timing["timing/rollout_s"] = time.perf_counter() - t0
+        if self.colocate:
+            self.fleet.sleep()      # local-gpu: the learner gets vLLM's GPU memory for steps 4-6
+
+        t = time.perf_counter()
+        metrics = self.learn(self, indices, samples, scores)                                           # 4-6
+        timing["timing/learner_s"] = time.perf_counter() - t
+
+        timing["timing/sync_s"] = self.sync_weights()                                                  # 7
+        state.step += 1
+        metrics.update(self.sample_metrics(samples, scores, timing))
+        return metrics
+
+    def sync_weights(self) -> float:
+        """Version v+1 to every sampler: learner rank 0 publishes it (``publish_weights``), the
+        driver passes the handle on; returns the seconds it took."""
+        t = time.perf_counter()
+        if self.colocate:
+            self.fleet.wake_up()    # before the sync: a sleeping engine refuses a weight load
+        self.state.version += 1
+        self.fleet.push(self.learners.run(LearnerWorker.publish_weights, self.state.version)[0])
+        return time.perf_counter() - t
+
+    def sample_metrics(self, samples: list[Sample], scores: list, timing: dict) -> dict:
+        """The step's sampling metrics (after the sync): rewards, accuracy, staleness, rates."""
+        n, state = len(scores), self.state
+        return {
+            "rl/reward_mean": sum(s.reward for s in scores) / n,
+            "rl/train_accuracy": 100.0 * sum(s.correct for s in scores) / n,
+            "rl/answered": 100.0 * sum(s.answer is not None for s in scores) / n,
+            "rl/epoch": state.epoch + state.position / len(self.train_set),
+            "rl/staleness": float(state.version - 1 - min(s.policy_version for s in samples)),
+            "rollout/actor_restarts": float(self.fleet.num_restarts),
+            "rollout/handle_bytes": float(self.fleet.stats["last_handle_bytes"]),
+            "perf/rollout_tokens_per_s": sum(len(s.completion_token_ids) for s in samples)
+                                         / max(timing["timing/rollout_s"], 1e-9),
+            **timing,
+        }
+
+    def prefetch_next(self) -> Optional[list[int]]:
+        """max_staleness = 1: send the next step's questions to the samplers now (weights v)."""
+        if self.state.step + 1 >= self.total_steps:
+            return None
+        indices = peek_questions(self.state, len(self.train_set), self.cfg.rl.questions_per_step, self.cfg.seed)
+        self.fleet.submit(sample_requests(self.train_set, indices, self.state.step + 1, self.cfg, self.tokenizer))
+        return indices
+
+    def collect_and_score(self, expected: int) -> tuple[list[Sample], list]:
+        """The ``expected`` samples of the submitted step and their scores (scored as they
+        finish, `actors.reward.collect_scored`), in a fixed order: (question, index)."""
+        samples, scores = collect_scored(self.fleet, self.reward, lambda s: self.train_set[s.question_index],
+                                         expected, self.cfg.rollout.call_timeout_s, self.cfg.cluster.call_timeout_s)
+        order = sorted(range(len(samples)), key=lambda i: (samples[i].question_index, samples[i].index))
+        return [samples[i] for i in order], [scores[i] for i in order]
+
+    # ---------------------------------------------------------------- evaluation
+    def evaluate_and_log(self) -> dict:
+        """Greedy accuracy through the samplers (current weights) and the reward actor."""
+        max_tokens = self.cfg.rl.max_new_tokens
+        test = self.evaluator.greedy(self.test_set, max_tokens)
+        train = self.evaluator.greedy(self.train_set[:self.cfg.data.train_eval_size], max_tokens)
+        record = {"eval/test_accuracy": test.accuracy, "eval/test_answered": test.answered,
+                  "eval/train_accuracy": train.accuracy}
+        self.metrics.write(self.state.step, record)
+        return record
+
+    # ---------------------------------------------------------------- checkpoints
+    def save(self) -> Path:
+        """Learner state (DeepSpeed, optimizer, RNG, data position) and the policy as an HF
+        directory from the export the last sync made (``LearnerWorker.export_weights``)."""
+        path = self.run_dir / "checkpoints" / f"step-{self.state.step:06d}"
+        self.learners.run(LearnerWorker.save_checkpoint, str(path), {"train_state": self.state.to_json()})
+        self.learners.run(LearnerWorker.save_policy, str(path / "policy"))   # what `reft eval` loads
+        dump_yaml(self.cfg, path / "config.yaml")
+        (self.run_dir / "checkpoints" / "latest").write_text(path.name)
+        return path
+
+    def load(self, path: Path) -> None:
+        client = self.learners.run(LearnerWorker.load_checkpoint, str(path))[0]
+        self.state = TrainState(**client["train_state"])
+        self.fleet.push(self.learners.run(LearnerWorker.publish_weights, self.state.version)[0])
+
+    def close(self) -> None:
+        self.metrics.close()
+        self._stop_actors()
+
+    def _stop_actors(self) -> None:
+        import ray
+        try:
+            if self.fleet is not None:
+                self.fleet.shutdown()
+            if self.learners is not None:
+                try:
+                    self.learners.run(LearnerWorker.close_weight_sync)   # its /dev/shm directory
+                finally:
+                    self.learners.kill()
+            if self.reward is not None:
+                try:
+                    ray.get(self.reward.close.remote(), timeout=30)   # stops its sandbox workers
+                finally:
+                    ray.kill(self.reward)
+        finally:
+            self.placement.remove()
+
+
+RAY_KEYS = ("rl/reward_mean", "rl/train_accuracy", "rl/kl", "learner/entropy", "learner/clipfrac",
+            "learner/vf_loss", "perf/rollout_tokens_per_s", "timing/sync_s", "rl/staleness",
+            "rl/sampler_logprob_gap", "eval/test_accuracy")
+SUMMARY_KEYS = ("rl/reward_mean", "rl/train_accuracy", "rl/kl", "learner/pg_loss", "learner/vf_loss",
+                "learner/entropy", "timing/rollout_s", "timing/learner_s", "timing/sync_s")
+
+
+def total_steps(cfg: RunConfig, n_train: int) -> int:
+    return max(1, cfg.rl.epochs * n_train // cfg.rl.questions_per_step)
+
+
+def run_rl(cfg: RunConfig, warmup: str, run_dir: Path, train: list[Example], test: list[Example],
+           learn: Callable[[RLTrainer], Learn], resume: Optional[Path] = None,
+           max_seconds: Optional[float] = None) -> list[dict]:
+    """The RL loop; returns the evaluation records. ``max_seconds`` stops it early (wall budget)."""
+    trainer = RLTrainer(cfg, warmup, run_dir, train, test, learn)
+    history = []
+    try:
+        if resume is not None:
+            trainer.load(resume)
+        steps = trainer.total_steps
+        start = time.perf_counter()
+        if trainer.state.step == 0:
+            history.append({"step": 0, **trainer.evaluate_and_log()})
+        bar = progress(total=steps, initial=trainer.state.step, desc=f"rl ({cfg.rl.algorithm})", unit="step")
+        while trainer.state.step < steps:
+            metrics = trainer.step()
+            trainer.metrics.write(trainer.state.step, metrics)
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics['rl/reward_mean']:.3f}", acc=f"{metrics['rl/train_accuracy']:.0f}")
+            logger.info("rl %s", summary_line(trainer.state.step, metrics, SUMMARY_KEYS))
+            done = trainer.state.step == steps or (max_seconds and time.perf_counter() - start > max_seconds)
+            if trainer.state.step % cfg.rl.eval_every == 0 or done:
+                history.append({"step": trainer.state.step, **trainer.evaluate_and_log()})
+            if trainer.state.step % cfg.rl.checkpoint_every == 0 or done:
+                trainer.save()
+            if done:
+                break
+        bar.close()
+    finally:
+        trainer.close()
+    return history
+
+
+def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    marker = run_dir / "checkpoints" / "latest"
+    return run_dir / "checkpoints" / marker.read_text().strip() if marker.exists() else None
