@@ -2,9 +2,10 @@
 
 One interface, ``WeightSync``, with two halves that run in different processes:
 
-* learner side (the process that holds the state dict: the driver, which gets it from
-  ``LearnerWorker.export_weights()``): ``publish(state_dict, version) -> WeightHandle``, a small
-  picklable description of the new weights; ``transmit(handle, receivers)`` for transports that
+* learner side (the process that holds the state dict: learner rank 0,
+  ``LearnerWorker.publish_weights``; the driver only passes the handle on, and forwards the push
+  transports' calls through ``RemoteSender``): ``publish(state_dict, version) -> WeightHandle``, a
+  small picklable description of the new weights; ``transmit(handle, receivers)`` for transports that
   push (broadcast); ``attach(receiver, join)`` for transports that need a connection per
   receiver.
 * sampler side (inside each ``actors.rollout.RolloutWorker``): ``await receive(handle, engine,
@@ -40,11 +41,10 @@ Transports (``RolloutConfig.sync``):
    in a thread that is abandoned after ``sync_timeout_s`` (a stuck NCCL stream cannot be
    cancelled; restart the process). With "nccl" the sender needs a GPU and vLLM importable (it
    uses vLLM's ``StatelessProcessGroup`` + ``PyNcclCommunicator``); nothing of it is imported
-   until a group is opened, so CPU machines import this module freely. Where the sender runs:
-   "gloo" works from the driver (tested on CPU). "nccl" needs the sender in a GPU process, i.e.
-   learner rank 0 holding this object and the fleet calling its ``attach``/``transmit`` there;
-   that hosting is not wired into ``learner.worker`` yet, so "nccl" runs today only where the
-   publishing process owns a GPU.
+   until a group is opened, so CPU machines import this module freely. The sender is
+   learner rank 0 (``LearnerWorker``): the fleet on the driver calls its ``attach``/``transmit``
+   there through ``RemoteSender``, so "nccl" sends from the learner's GPU and "gloo" from its CPU,
+   one code path.
 
 Verification (``RolloutConfig.verify``). The learner side puts its expectations in the handle;
 the sampler checks whatever the handle carries and raises ``WeightSyncError`` naming itself and
@@ -274,19 +274,25 @@ class ModelSpec:
 
 
 @torch.no_grad()
-def hf_probe(spec: ModelSpec, tensors: Sequence[tuple[str, Tensor]], max_tokens: int) -> ProbeExpectation:
-    """HF's greedy decode of the probe prompt with exactly these tensors (in their dtype, on CPU).
+def hf_probe(spec: ModelSpec, tensors: Sequence[tuple[str, Tensor]], max_tokens: int,
+             model=None) -> ProbeExpectation:
+    """HF's greedy decode of the probe prompt with exactly these tensors.
 
-    The model is built from the config with the given tensors as its weights (no random init);
-    one forward over the prompt, then one per token with the KV cache. EOS does not stop it (the
-    engine's probe uses ignore_eos).
+    ``model``: an HF causal LM that holds these very weights already (learner rank 0's own
+    policy, on its device): decoded with it, nothing is rebuilt. Otherwise a model is built from
+    the config with the given tensors as its weights (no random init), on CPU. One forward over
+    the prompt, then one per token with the KV cache. EOS does not stop it (the engine's probe
+    uses ignore_eos).
     """
-    state_dict = {name: t.detach().to("cpu") for name, t in tensors}
-    dtype = next(iter(state_dict.values())).dtype
-    model = spec.model_class.from_pretrained(None, config=spec.config, state_dict=state_dict, dtype=dtype)
+    if model is None:
+        state_dict = {name: t.detach().to("cpu") for name, t in tensors}
+        dtype = next(iter(state_dict.values())).dtype
+        model = spec.model_class.from_pretrained(None, config=spec.config, state_dict=state_dict, dtype=dtype)
+    was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     tokens, logprobs, runner_up, runner_up_logprobs = [], [], [], []
-    out = model(input_ids=torch.tensor([spec.probe_prompt]), use_cache=True)
+    out = model(input_ids=torch.tensor([spec.probe_prompt], device=device), use_cache=True)
     for _ in range(max_tokens):
         lp = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
         top = lp.topk(2)
@@ -295,7 +301,9 @@ def hf_probe(spec: ModelSpec, tensors: Sequence[tuple[str, Tensor]], max_tokens:
         logprobs.append(float(top.values[0]))
         runner_up.append(int(top.indices[1]))
         runner_up_logprobs.append(float(top.values[1]))
-        out = model(input_ids=torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
+        out = model(input_ids=torch.tensor([[token]], device=device), past_key_values=out.past_key_values,
+                    use_cache=True)
+    model.train(was_training)
     return ProbeExpectation(spec.probe_prompt, tuple(tokens), tuple(logprobs), tuple(runner_up),
                             tuple(runner_up_logprobs))
 
@@ -346,12 +354,13 @@ class WeightSync(abc.ABC):
             self._spec = ModelSpec(self.cfg.model, self.cfg.probe_prompt_len)
         return self._spec
 
-    def publish(self, state_dict: dict[str, Tensor], version: int) -> WeightHandle:
+    def publish(self, state_dict: dict[str, Tensor], version: int, model=None) -> WeightHandle:
         """Check the names and shapes, compute the expectations ``cfg.verify`` asks for, make the
-        weights reachable for the samplers, and describe them in a handle."""
+        weights reachable for the samplers, and describe them in a handle. ``model``: an HF model
+        holding exactly ``state_dict`` (the learner's own policy), for the probe (``hf_probe``)."""
         tensors = self.spec.ordered(state_dict)
         checksums = {name: tensor_checksum(t) for name, t in tensors} if self.cfg.checks_checksums else None
-        probe = hf_probe(self.spec, tensors, self.cfg.probe_tokens) if self.cfg.checks_probe else None
+        probe = hf_probe(self.spec, tensors, self.cfg.probe_tokens, model) if self.cfg.checks_probe else None
         specs = tuple(TensorSpec(name, str(t.dtype).removeprefix("torch."), tuple(t.shape)) for name, t in tensors)
         location = self._put(tensors, version)
         return WeightHandle(version=version, transport=self.transport, tensors=specs, checksums=checksums,

@@ -61,6 +61,8 @@ def unshard(parts: Sequence[Any]) -> Any:
     """Inverse of ``shard`` for per-rank results: tensors with rows first, or NamedTuples of them.
     Row j of rank r goes back to row j * W + r."""
     first = parts[0]
+    if first is None:   # an optional field every rank left out (Scores.ref_logprobs without a reference)
+        return None
     if isinstance(first, tuple) and hasattr(first, "_fields"):
         return type(first)(*(unshard([p[i] for p in parts]) for i in range(len(first))))
     stacked = torch.stack(list(parts), dim=1)  # (B/W, W, ...): [j, r] = global row j * W + r

@@ -354,7 +354,10 @@ class LearnerWorker:
             return None
         if self._sync is None:
             raise RuntimeError("publish_weights before open_weight_sync")
-        return self._sync.publish(weights, version)
+        # The probe decodes with the policy itself where rank 0 holds all of it (ZeRO 0-2), on its
+        # device; under ZeRO-3 it is rebuilt on CPU from the exported tensors.
+        model = self.engine.module.lm if self.cfg.zero_stage < 3 else None
+        return self._sync.publish(weights, version, model=model)
 
     def save_policy(self, out_dir: str) -> Optional[str]:
         """The policy as an HF model directory (``reft eval`` loads it) from this version's export

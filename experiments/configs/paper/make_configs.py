@@ -85,8 +85,9 @@ rl:
   temperature: 1.0
   max_new_tokens: 400            # with a prompt of <= 300 tokens (max_input_length) within the 700 below
   kl_coef: {kl:<21} # {kl_reason}
-  gamma: 1.0
-  lam: 0.95
+  advantage:
+    gamma: 1.0                   # GAE as the paper's code (its text swaps gamma and lambda)
+    lam: 0.95
   eval_every: 100                # steps: a few times per epoch (GSM8K: 7,473 questions = 234 steps); the paper: once per epoch
   checkpoint_every: 100
   offline_samples: 100           # offline_st: 100 samples per question, at most 10 distinct correct ones kept,
@@ -95,7 +96,7 @@ rl:
 rollout:
   max_model_len: 700             # max_gen_length: prompt + answer <= 700 tokens
   num_actors: 4
-  verify: checksum               # the weight-sync probe decodes with HF on the driver: too slow for 7B
+  verify: both                   # checksums, and the probe decoded by learner rank 0's own policy
 cluster:
   mode: cluster
   num_learners: 4

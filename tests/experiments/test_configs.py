@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from experiments.cli import main
-from cluster.config import ALGORITHMS, RunConfig
+from cluster.config import RunConfig
 from cluster.config_io import load_config
+from cluster.recipes import RECIPES, get_recipe
+from experiments.cli import main
 
-CONFIGS_DIR = Path(__file__).resolve().parents[1] / "experiments" / "configs"
+CONFIGS_DIR = Path(__file__).resolve().parents[2] / "experiments" / "configs"
 CONFIGS = sorted(CONFIGS_DIR.rglob("*.yaml"))
 PAPER = sorted((CONFIGS_DIR / "paper").glob("*.yaml"))
 SYNTHETIC = sorted((CONFIGS_DIR / "synthetic").glob("*.yaml"))
@@ -47,9 +48,9 @@ def test_paper_cells_carry_the_papers_hyperparameters(path, capsys):
     assert (cfg.sft.epochs, cfg.sft.lr, cfg.sft.batch_size, cfg.sft.warmup_ratio, cfg.sft.max_length) == \
         (warmup, 1e-5, 48, 0.1, 1024)
     # beta: 0.05 N-CoT, 0.01 P-CoT; the paper's script runs MathQA-numeric N-CoT at 0.01
-    assert cfg.rl.kl_coef_for(kind) == (0.05 if kind == "ncot" and dataset != "mathqa-numeric" else 0.01)
+    assert get_recipe(cfg.rl.algorithm).kl_coef(cfg) == (0.05 if kind == "ncot" and dataset != "mathqa-numeric" else 0.01)
     assert (cfg.rl.questions_per_step, cfg.rl.samples_per_question, cfg.rl.temperature) == (32, 1, 1.0)
-    assert (cfg.learner.ppo_epochs, cfg.learner.clip_eps, cfg.learner.vf_coef, cfg.rl.gamma, cfg.rl.lam) == \
+    assert (cfg.learner.ppo_epochs, cfg.learner.clip_eps, cfg.learner.vf_coef, cfg.rl.advantage.gamma, cfg.rl.advantage.lam) == \
         (2, 0.2, 5.0, 1.0, 0.95)
     assert cfg.rollout.max_model_len == 700 and cfg.rl.max_new_tokens <= 700
     assert (cfg.rl.offline_samples, cfg.rl.offline_keep, cfg.rl.offline_init) == (100, 10, "base")
@@ -72,4 +73,4 @@ def test_synthetic_configs_differ_only_in_their_rl(path):
 
 
 def test_every_algorithm_has_a_synthetic_config():
-    assert {p.stem for p in SYNTHETIC} == set(ALGORITHMS)
+    assert {p.stem for p in SYNTHETIC} == set(RECIPES)

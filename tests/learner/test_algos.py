@@ -299,9 +299,9 @@ def test_grpo_and_rloo_do_not_depend_on_row_order_or_id_values():
 
 
 def test_advantage_config_checks_itself():
-    with pytest.raises(ValueError, match=r"\[advantage\] gamma"):
+    with pytest.raises(ValueError, match=r"rl\.advantage\.gamma"):
         AdvantageConfig(gamma=1.5)
-    with pytest.raises(ValueError, match=r"\[advantage\] lam"):
+    with pytest.raises(ValueError, match=r"rl\.advantage\.lam"):
         AdvantageConfig(lam=-0.1)
 
 

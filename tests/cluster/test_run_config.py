@@ -7,7 +7,7 @@ from experiments.cli import DEFAULT_CONFIG, main
 from cluster.config import RunConfig
 from cluster.config_io import ConfigError, load_config
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "experiments" / "configs").rglob("*.yaml"))
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "experiments" / "configs").rglob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])

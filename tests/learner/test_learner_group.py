@@ -12,8 +12,8 @@ import torch
 
 from cluster.actor_group import ActorGroup, shard, unshard
 from learner.config import LearnerConfig
-from learner.worker import LearnerWorker, PolicyScores
-from tests.test_learner_engine import make_batch, tiny_qwen2
+from learner.worker import LearnerWorker, Scores
+from tests.learner.test_learner_engine import make_batch, tiny_qwen2
 
 # Parameters of the 2-rank runs may differ from the 1-rank run's by at most this much (fp32,
 # parameters of magnitude ~0.01-1, 4 AdamW steps at lr 1e-3). Not bit-exact because float addition
@@ -35,7 +35,7 @@ def test_shard_interleaves_and_unshard_inverts():
     parts = shard(batch, 2)
     assert parts[0]["y"].tolist() == [0, 2, 4] and parts[1]["y"].tolist() == [1, 3, 5]
     assert torch.equal(unshard([p["x"] for p in parts]), batch["x"])
-    scores = [PolicyScores(p["x"], p["x"] * 2) for p in parts]
+    scores = [Scores(p["x"], p["x"] * 2, None) for p in parts]
     assert torch.equal(unshard(scores).values, batch["x"] * 2)
     with pytest.raises(ValueError, match="does not split into 4 equal shards"):
         shard(batch, 4)
@@ -70,7 +70,7 @@ def ppo_batch(group):
     """A PPO batch whose old log-probs and values come from the group itself (scored sharded and
     put back in order)."""
     batch = make_batch(seed=3, rows=8)
-    scores = unshard(group.run_sharded(LearnerWorker.compute_logprobs_and_values, batch))
+    scores = unshard(group.run_sharded(LearnerWorker.score, batch, 1.0, False))
     mask = batch["response_mask"].float()
     g = torch.Generator().manual_seed(4)
     return dict(
@@ -104,7 +104,7 @@ def one_rank_reference(ray_cluster, model_dir):
     group = ActorGroup(LearnerWorker, 1, config(model_dir, zero_stage=0), timeout_s=300)
     try:
         batch = ppo_batch(group)
-        (metrics,) = group.run_sharded(LearnerWorker.ppo_update, batch)
+        (metrics,) = group.run_sharded(LearnerWorker.ppo_update, batch, 1.0)
         return batch, metrics, params_of(group)
     finally:
         group.kill()
@@ -120,10 +120,10 @@ def test_two_ranks_zero2_equal_one_rank_and_actors_are_named(one_rank_reference,
             actor = ray.get_actor(f"learner-{rank}", namespace="reft")
             assert actor._actor_id == group.actors[rank]._actor_id
         # The old log-probs scored by 2 ranks equal the 1-rank ones (same initial weights).
-        scores = unshard(group.run_sharded(LearnerWorker.compute_logprobs_and_values, batch))
+        scores = unshard(group.run_sharded(LearnerWorker.score, batch, 1.0, False))
         torch.testing.assert_close(scores.logprobs, batch["old_logprobs"], atol=1e-6, rtol=0)
 
-        metrics_2 = group.run_sharded(LearnerWorker.ppo_update, batch)
+        metrics_2 = group.run_sharded(LearnerWorker.ppo_update, batch, 1.0)
         assert metrics_2[0] == metrics_2[1]  # every rank reports the global numbers
         assert_metrics_close(metrics_2[0], metrics_1)
         diff = max_abs_diff(params_of(group), params_1)
@@ -131,8 +131,8 @@ def test_two_ranks_zero2_equal_one_rank_and_actors_are_named(one_rank_reference,
         assert diff <= PARAM_ATOL
 
         left_padded = dict(batch, attention_mask=batch["attention_mask"].flip(1))
-        with pytest.raises(RuntimeError, match=r"(?s)reft/learner-\d\.compute_logprobs failed: .*right-padded"):
-            group.run_sharded(LearnerWorker.compute_logprobs, left_padded)
+        with pytest.raises(RuntimeError, match=r"(?s)reft/learner-\d\.score failed: .*right-padded"):
+            group.run_sharded(LearnerWorker.score, left_padded, 1.0, False)
     finally:
         group.kill()
 
@@ -143,18 +143,18 @@ def test_two_ranks_zero3_equal_one_rank_and_resume_equals_no_stop(one_rank_refer
     cfg = config(model_dir, zero_stage=3)
     group = ActorGroup(LearnerWorker, 2, cfg, timeout_s=300)
     try:
-        metrics_2 = group.run_sharded(LearnerWorker.ppo_update, batch)
+        metrics_2 = group.run_sharded(LearnerWorker.ppo_update, batch, 1.0)
         assert_metrics_close(metrics_2[0], metrics_1)
         diff = max_abs_diff(params_of(group), params_1)
         print(f"\nZeRO-3, 2 ranks vs 1 rank: max |param diff| = {diff:.2e}")
         assert diff <= PARAM_ATOL
         # pi_ref is ZeRO-3-partitioned too, and still the initial policy.
-        ref = unshard(group.run_sharded(LearnerWorker.compute_ref_logprobs, batch))
+        ref = unshard(group.run_sharded(LearnerWorker.score, batch, 1.0, True)).ref_logprobs
         torch.testing.assert_close(ref, batch["old_logprobs"], atol=1e-6, rtol=0)
 
         # Save after 1 update (4 optimizer steps), then run 2 more: the uninterrupted run.
         group.run(LearnerWorker.save_checkpoint, str(tmp_path), {"updates": 1})
-        uninterrupted = [group.run_sharded(LearnerWorker.ppo_update, batch)[0] for _ in range(2)]
+        uninterrupted = [group.run_sharded(LearnerWorker.ppo_update, batch, 1.0)[0] for _ in range(2)]
         params_uninterrupted = params_of(group)
     finally:
         group.kill()
@@ -162,7 +162,7 @@ def test_two_ranks_zero3_equal_one_rank_and_resume_equals_no_stop(one_rank_refer
     resumed_group = ActorGroup(LearnerWorker, 2, cfg, timeout_s=300)
     try:
         assert resumed_group.run(LearnerWorker.load_checkpoint, str(tmp_path)) == [{"updates": 1}] * 2
-        resumed = [resumed_group.run_sharded(LearnerWorker.ppo_update, batch)[0] for _ in range(2)]
+        resumed = [resumed_group.run_sharded(LearnerWorker.ppo_update, batch, 1.0)[0] for _ in range(2)]
         assert resumed == uninterrupted  # metrics, lr schedule position included: bit for bit
         diff = max_abs_diff(params_of(resumed_group), params_uninterrupted)
         print(f"resume vs no stop: max |param diff| = {diff:.2e}")

@@ -165,10 +165,11 @@ def test_engine_scores_and_exports_the_checkpoint(worker, model_dir):
         logits = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         expected = token_outputs(batch["input_ids"], logits).logprobs
     expected = torch.where(batch["response_mask"].bool(), expected, 0.0)
-    scores = worker.compute_logprobs_and_values(batch)
+    scores = worker.score(batch, 1.0, with_reference=True)
     # Micro-batches of 3 are cut to their longest row; the numbers agree up to float reordering.
     torch.testing.assert_close(scores.logprobs, expected, atol=1e-5, rtol=0)
-    torch.testing.assert_close(worker.compute_ref_logprobs(batch), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(scores.ref_logprobs, expected, atol=1e-5, rtol=0)
+    assert worker.score(batch, 1.0, with_reference=False).ref_logprobs is None   # no reference pass
     assert torch.equal(scores.values, torch.zeros_like(scores.values))  # zero-initialised head
     exported = worker.export_weights()
     assert list(exported) == list(hf.state_dict())
@@ -178,11 +179,11 @@ def test_engine_scores_and_exports_the_checkpoint(worker, model_dir):
 
 def test_ppo_first_step_is_on_policy_and_bad_batches_fail(worker):
     batch = make_batch(seed=1)
-    scores = worker.compute_logprobs_and_values(batch)
+    scores = worker.score(batch, 1.0, with_reference=False)
     mask = batch["response_mask"].float()
     ppo_batch = dict(batch, old_logprobs=scores.logprobs, old_values=scores.values,
                      advantages=torch.randn(mask.shape) * mask, returns=mask)
-    metrics = worker.ppo_update(ppo_batch)
+    metrics = worker.ppo_update(ppo_batch, 1.0)
     # ppo_epochs=1, one mini-batch: the only step runs at the old policy, so rho = 1 exactly.
     assert metrics["approx_kl"] == pytest.approx(0.0, abs=1e-6) and metrics["clipfrac"] == 0.0
     assert metrics["optimizer_steps"] == 1 and metrics["grad_norm"] > 0 and metrics["lr"] == 1e-3
@@ -193,9 +194,9 @@ def test_ppo_first_step_is_on_policy_and_bad_batches_fail(worker):
 
     left_padded = dict(batch, attention_mask=batch["attention_mask"].flip(1))
     with pytest.raises(ValueError, match="right-padded"):
-        worker.compute_logprobs(left_padded)
+        worker.score(left_padded, 1.0, with_reference=False)
     with pytest.raises(KeyError, match="advantages"):
-        worker.ppo_update(batch)
+        worker.ppo_update(batch, 1.0)
 
 
 def test_sft_step_lowers_the_loss_and_export_keeps_names(worker, model_dir):
@@ -218,7 +219,7 @@ def test_sft_step_loss_weights_mix_two_token_means(worker):
     weights = torch.zeros_like(mask)
     weights[:2] = 0.5 / mask[:2].sum()
     weights[2:] = 0.5 / mask[2:].sum()
-    nll = -worker.compute_logprobs(batch)   # the same parameters sft_step's loss is taken at
+    nll = -worker.score(batch, 1.0, with_reference=False).logprobs   # the same parameters sft_step's loss is taken at
     expected = 0.5 * float((nll * mask)[:2].sum() / mask[:2].sum()) + 0.5 * float((nll * mask)[2:].sum() / mask[2:].sum())
     out = worker.sft_step(dict(batch, loss_weights=weights * mask))
     assert out["loss"] == pytest.approx(expected, rel=1e-5)
@@ -235,13 +236,41 @@ def test_separate_critic_with_checkpointing_under_zero3(worker, model_dir):
     critic_worker = LearnerWorker(0, 1, worker.master_addr, worker.master_port, cfg)
     critic_worker.setup()
     batch = make_batch(seed=5)
-    scores = critic_worker.compute_logprobs_and_values(batch)
+    scores = critic_worker.score(batch, 1.0, with_reference=False)
     mask = batch["response_mask"].float()
     metrics = critic_worker.ppo_update(dict(batch, old_logprobs=scores.logprobs, old_values=scores.values,
-                                            advantages=mask, returns=mask))
+                                            advantages=mask, returns=mask), 1.0)
     assert metrics["vf_loss"] == pytest.approx(0.5, abs=1e-6)  # 1/2 (0 - 1)^2: the head starts at 0
-    assert critic_worker.compute_values(batch).abs().max() > 0  # the critic learnt something
+    assert critic_worker.score(batch, 1.0, with_reference=False).values.abs().max() > 0  # the critic learnt something
     exported = critic_worker.export_weights()  # the policy only: no critic, no value head
     assert list(exported) == list(load_causal_lm(model_dir, "fp32").state_dict())
-    with pytest.raises(RuntimeError, match="with_reference=False"):
-        critic_worker.compute_ref_logprobs(batch)
+    with pytest.raises(ValueError, match="without a reference model"):
+        critic_worker.score(batch, 1.0, with_reference=True)
+
+
+def test_publish_exports_once_per_version_and_hands_out_a_small_handle(worker, model_dir, tmp_path):
+    """Learner rank 0 publishes its own weights: what it returns (and the driver passes on) is a
+    handle of bounded size, and a checkpoint of the same version reuses the sync's export."""
+    import pickle
+
+    from actors.config import RolloutConfig
+    from actors.weight_sync import WeightHandle
+
+    worker.sft_step(make_batch(seed=6))     # a new version
+    before = worker.stats()["exports"]
+    worker.open_weight_sync(RolloutConfig(model=model_dir, sync="shm", sync_dir=str(tmp_path / "shm")))
+    try:
+        handle = worker.publish_weights(7)
+        worker.save_policy(str(tmp_path / "policy"))
+        assert worker.stats()["exports"] == before + 1   # the sync and the checkpoint share one export
+        assert isinstance(handle, WeightHandle) and handle.version == 7 and handle.probe is not None
+        weights_bytes = sum(t.numel() * t.element_size() for t in worker.export_weights().values())
+        handle_bytes = len(pickle.dumps(handle))
+        print(f"\nhandle {handle_bytes} bytes for {weights_bytes} bytes of weights")
+        assert handle_bytes < 64 * 1024 < weights_bytes
+        assert (tmp_path / "policy" / "config.json").is_file()
+        worker.sft_step(make_batch(seed=7))
+        worker.publish_weights(8)
+        assert worker.stats()["exports"] == before + 2   # a new version, a new export
+    finally:
+        worker.close_weight_sync()
