@@ -17,10 +17,9 @@ machines without GPUs.
 The plan also settles what depends on the layout: the weight-sync transport (``rollout.sync =
 auto``: "shm" on one node, "object_store" when rollout actors may sit on other nodes than the
 driver) and vLLM's sleep mode (``rollout.enable_sleep_mode = null``: on when colocated).
-"nccl" is never the automatic choice: the weights are published by the driver
-(``actors.weight_sync``; hosting the sender on learner rank 0 is not wired), and a driver
-submitted with ``ray job submit`` usually holds no GPU; ``place`` refuses it where the driver
-sees none.
+The weights are published by learner rank 0 (``LearnerWorker.publish_weights``), never by the
+driver: "nccl" (or "gloo", the same code over CPU) broadcasts from that rank's GPU to every engine;
+it is chosen explicitly (``rollout.sync = nccl``), the automatic choice being the object store.
 
 Using a plan (driver side): ``place(cfg)`` checks it against the Ray cluster joined and creates
 its placement group; ``Placement.options(role, index)`` (``actor_options``) is what each actor's
@@ -143,7 +142,7 @@ def _weight_sync(cfg: RunConfig) -> str:
         raise ConfigError("rollout.sync = nccl needs GPUs and cluster.mode = cpu has none: use auto (shm), "
                           "object_store or gloo")
     if sync == "shm" and mode == "cluster":
-        raise ConfigError("rollout.sync = shm publishes the weights in the driver node's /dev/shm, and "
+        raise ConfigError("rollout.sync = shm publishes the weights in learner rank 0's node's /dev/shm, and "
                           "cluster.mode = cluster may put rollout actors on other nodes: use auto (object_store)")
     return sync
 
@@ -207,17 +206,11 @@ def place(cfg: RunConfig) -> Placement:
     group created and ready. The caller removes it (``Placement.remove``) after killing its actors.
 
     Raises:
-        ConfigError: the plan cannot fit the cluster (``plan_placement``), or rollout.sync = nccl
-            with a driver that sees no GPU (the driver is the sender, module docstring).
+        ConfigError: the plan cannot fit the cluster (``plan_placement``).
         TimeoutError: the group was not ready within ``cluster.placement_timeout_s``, naming the
             resources that are short.
     """
-    import torch
-
     plan = plan_placement(cfg, ray.cluster_resources())
-    if plan.weight_sync == "nccl" and not torch.cuda.is_available():
-        raise ConfigError("rollout.sync = nccl broadcasts the weights from the driver, and this driver process "
-                          "sees no GPU: use auto or object_store")
     return Placement(plan, create_placement_group(plan, cfg.cluster.placement_timeout_s))
 
 

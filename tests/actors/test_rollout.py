@@ -28,12 +28,11 @@ import torch
 from actors.config import RolloutConfig
 from actors.rollout import RolloutWorker, SampleRequest
 from actors.weight_sync import NcclBroadcastSync, WeightSyncError, make_weight_sync
+from formats.hf import load_causal_lm, load_tokenizer
 from formats.records import build_prompt
-from tasks.synthetic import SyntheticConfig, generate
-from formats.hf import load_tokenizer
-from tasks.tiny_model import TinyModelConfig, build_tiny_model, corpus_from_examples
 from learner.algos import logprobs_from_logits
-from formats.hf import load_causal_lm
+from tasks.synthetic import SyntheticConfig, generate
+from tasks.tiny_model import TinyModelConfig, build_tiny_model, corpus_from_examples
 
 SYN = SyntheticConfig(num_train=200, num_test=20)
 TINY = TinyModelConfig(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=128)

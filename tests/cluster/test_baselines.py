@@ -8,14 +8,19 @@ import pytest
 import torch
 
 from actors.rollout import Sample
-from cluster.baselines import SELF_TRAINING_FILE, online_st_batch, self_training_examples
+from cluster.baselines import (
+    SELF_TRAINING_FILE,
+    OnlineSTLearn,
+    online_st_batch,
+    self_training_examples,
+)
 from cluster.config import RunConfig
 from cluster.config_io import ConfigError, load_config
-from formats.records import Example
 from experiments.sampled_eval import Scored
-from tasks.synthetic import SyntheticConfig, generate
+from formats.records import Example
 from learner.data import Tokenized
 from rewards.score import Score
+from tasks.synthetic import SyntheticConfig, generate
 
 RIGHT, WRONG = Score(1.0, "7", "ok", True), Score(0.1, "8", "ok", False)
 
@@ -71,14 +76,19 @@ def test_online_batch_weighs_samples_and_gold_half_each_and_pads_to_equal_shards
     (["rl.algorithm=offline_st", "rl.offline_keep=0"], r"rl\.offline_keep must be >= 1"),
 ])
 def test_baseline_keys_are_checked(overrides, message):
+    from cluster.recipes import check_config
     with pytest.raises(ConfigError, match=message):
-        load_config(RunConfig, "experiments/configs/smoke.yaml", overrides)
+        check_config(load_config(RunConfig, "experiments/configs/smoke.yaml", overrides))
 
 
-def test_baselines_have_no_kl_term():
-    # ReFTTrainer loads the reference model only for a KL penalty: online_st must not load one.
-    for algorithm in ("sft", "offline_st", "online_st"):
-        assert load_config(RunConfig, "experiments/configs/smoke.yaml", [f"rl.algorithm={algorithm}"]).rl.kl_coef_for("ncot") == 0
+def test_online_st_loads_no_reference_model():
+    # The learner holds the reference model only for a KL penalty: online_st has none.
+    from cluster.recipes import RLRecipe, get_recipe
+    recipe = get_recipe("online_st")
+    assert isinstance(recipe, RLRecipe) and not recipe.uses_kl
+    cfg = load_config(RunConfig, "experiments/configs/smoke.yaml", ["rl.algorithm=online_st"])
+    assert recipe.kl_coef(cfg) == 0 and recipe.make_learn.__name__ == "online_st_learn"
+    assert not OnlineSTLearn.with_reference
 
 
 # ------------------------------------------------------------------------------ whole loops on CPU
@@ -102,8 +112,8 @@ def run(tmp_path, warmup, algorithm, *overrides):
     """``reft train`` of ``algorithm`` from the shared warm-up; checks the run directory holds what
     a ReFT run's does and that ``reft report`` reads it."""
     from cluster.metrics import read_metrics
-    from experiments.report import ALGORITHM_LABELS, read_run, write_report
     from cluster.train import run_train
+    from experiments.report import ALGORITHM_LABELS, read_run, write_report
 
     cfg = load_config(RunConfig, "experiments/configs/smoke.yaml",
                       [f"out_dir={tmp_path}", f"name={algorithm}", f"rl.algorithm={algorithm}",

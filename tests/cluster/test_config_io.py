@@ -5,7 +5,13 @@ from typing import Optional
 import pytest
 
 from cluster.config import RunConfig
-from cluster.config_io import ConfigError, from_dict, load_config, parse_overrides, to_dict
+from cluster.config_io import (
+    ConfigError,
+    from_dict,
+    load_config,
+    parse_overrides,
+    to_dict,
+)
 
 
 @dataclasses.dataclass(frozen=True)

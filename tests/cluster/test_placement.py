@@ -1,10 +1,10 @@
 """Placement plans of the three run modes, checked without GPUs."""
 import pytest
 
-from experiments.cli import DEFAULT_CONFIG
 from cluster.config import RunConfig
 from cluster.config_io import ConfigError, load_config
 from cluster.placement import plan_placement
+from experiments.cli import DEFAULT_CONFIG
 
 
 def _cfg(*overrides):

@@ -3,9 +3,9 @@ from pathlib import Path
 
 import pytest
 
-from experiments.cli import DEFAULT_CONFIG, main
 from cluster.config import RunConfig
 from cluster.config_io import ConfigError, load_config
+from experiments.cli import DEFAULT_CONFIG, main
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "experiments" / "configs").rglob("*.yaml"))
 
@@ -50,8 +50,6 @@ def test_cli_reports_config_errors_without_traceback(capsys):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["rl.algorithm=ppo2"], r"rl\.algorithm must be one of \['grpo', 'offline_st', 'online_st', 'reft', 'rloo', 'sft'\]"),
-    (["rl.algorithm=grpo"], r"rl\.samples_per_question must be >= 2 for rl\.algorithm=grpo"),
     (["rl.temperature=0"], r"rl\.temperature must be > 0"),
     (["rl.top_p=1.5"], r"rl\.top_p in \(0, 1\]"),
     (["rl.max_staleness=2"], r"rl\.max_staleness must be 0 or 1"),
@@ -62,10 +60,24 @@ def test_rl_and_rollout_keys_are_checked(overrides, message):
         load_config(RunConfig, DEFAULT_CONFIG, overrides)
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["rl.algorithm=ppo2"], r"rl\.algorithm = 'ppo2': unknown; valid names: \['grpo', 'offline_st', 'online_st', "
+                            r"'reft', 'rloo', 'sft'\]"),
+    (["rl.algorithm=grpo"], r"rl\.samples_per_question must be >= 2 for rl\.algorithm=grpo"),
+    (["rl.top_p=0.9"], r"rl\.top_p = 0\.9: the learner scores the untruncated softmax"),
+])
+def test_recipes_check_their_keys(overrides, message):
+    from cluster.recipes import check_config
+    with pytest.raises(ConfigError, match=message):
+        check_config(load_config(RunConfig, DEFAULT_CONFIG, overrides))
+
+
 def test_paper_kl_coefficients_by_cot_kind():
-    cfg = load_config(RunConfig, DEFAULT_CONFIG)
-    assert (cfg.rl.kl_coef_for("ncot"), cfg.rl.kl_coef_for("pcot")) == (0.05, 0.01)
-    assert load_config(RunConfig, DEFAULT_CONFIG, ["rl.kl_coef=0.2"]).rl.kl_coef_for("pcot") == 0.2
+    from cluster.recipes import get_recipe
+    reft = get_recipe("reft")
+    for kind, beta in (("ncot", 0.05), ("pcot", 0.01)):
+        assert reft.kl_coef(load_config(RunConfig, DEFAULT_CONFIG, [f"data.cot_kind={kind}"])) == beta
+    assert reft.kl_coef(load_config(RunConfig, DEFAULT_CONFIG, ["rl.kl_coef=0.2", "data.cot_kind=pcot"])) == 0.2
 
 
 @pytest.mark.parametrize("override, message", [

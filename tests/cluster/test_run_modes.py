@@ -7,8 +7,8 @@ by them. Ray's GPUs are declared resources (``ray.init(num_gpus=N)``) that it co
 out (``CUDA_VISIBLE_DEVICES``) without looking for hardware, so the GPU layouts are checked
 here for real: which GPU each actor gets, which bundle it fills. What cannot be checked without
 a GPU (vLLM's CUDA backend and its sleep mode, NCCL, DeepSpeed on CUDA) is not.
-(3) The driver's refusals: a group that cannot be placed times out naming what is short, and
-rollout.sync = nccl is refused where the driver sees no GPU.
+(3) The driver's refusals: a group that cannot be placed times out naming what is short. The
+driver needs no GPU for rollout.sync = nccl: learner rank 0 is the sender.
 """
 import time
 
@@ -17,10 +17,15 @@ import ray
 from ray._raylet import PlacementGroupID
 from ray.util.placement_group import PlacementGroup
 
-from experiments.cli import DEFAULT_CONFIG
 from cluster.config import RunConfig
 from cluster.config_io import ConfigError, load_config
-from cluster.placement import actor_options, create_placement_group, place, plan_placement
+from cluster.placement import (
+    actor_options,
+    create_placement_group,
+    place,
+    plan_placement,
+)
+from experiments.cli import DEFAULT_CONFIG
 
 # A handle only: ``actor_options`` puts it in the scheduling strategy and reads nothing from it.
 HANDLE = PlacementGroup(PlacementGroupID.from_random())
@@ -187,9 +192,12 @@ def test_place_checks_the_plan_against_the_cluster_first(ray_gpus):
         place(_cfg("cluster.mode=cluster", "cluster.num_learners=4", "rollout.num_actors=4"))
 
 
-def test_nccl_sync_is_refused_where_the_driver_sees_no_gpu(ray_gpus):
-    with pytest.raises(ConfigError, match=r"rollout\.sync = nccl broadcasts the weights from the driver"):
-        place(_cfg(*LOCAL_GPU, "rollout.sync=nccl"))
+def test_nccl_sync_needs_no_gpu_on_the_driver(ray_gpus):
+    placement = place(_cfg(*LOCAL_GPU, "rollout.sync=nccl"))   # learner rank 0 sends, on its GPU
+    try:
+        assert placement.plan.weight_sync == "nccl"
+    finally:
+        placement.remove()
 
 
 def test_cpu_mode_places_without_a_group(ray_gpus):

@@ -109,6 +109,7 @@ def test_killed_rollout_actor_is_replaced_and_resynced(smoke_run, tmp_path):
     """Kill rollout-0 while the loop runs: the fleet starts a new rollout-0, loads it with the
     current weights, re-issues its requests, and the run completes on policy."""
     import ray
+
     from cluster.train import run_train
 
     cfg = load_config(RunConfig, "experiments/configs/smoke.yaml", rl_overrides(smoke_run, tmp_path, "kill"))

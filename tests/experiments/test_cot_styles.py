@@ -1,10 +1,13 @@
 """experiments.cot_styles: sorting CoTs into "steps" and "terse" and scoring each style."""
 import pytest
 
+from actors.reward import RewardWorker, reward_item
+from actors.rollout import Sample
+from cluster.evaluate import Scored
 from experiments.cot_styles import style, style_table
 from formats.records import Example
+from rewards.score import RewardConfig
 from tasks.synthetic import SyntheticConfig, generate
-from rewards.score import RewardConfig, Scorer
 
 
 @pytest.mark.parametrize("completion, expected", [
@@ -31,7 +34,12 @@ def test_style_table_scores_each_style():
     completions = ["Tom has 5 + 3 = 8 apples.\nTherefore, the answer is: 8",      # steps, right
                    "Tom has 5 + 3 = 9 apples.\nTherefore, the answer is: 9",      # steps, wrong
                    "So Tom has 7 apples.\nTherefore, the answer is: 7"]           # terse, wrong
-    with Scorer(RewardConfig(sandbox_workers=1)) as scorer:
-        row = style_table(completions, examples, scorer)
+    worker = RewardWorker(RewardConfig(sandbox_workers=1))
+    try:
+        scores = worker.score([reward_item(c, e) for c, e in zip(completions, examples)])
+    finally:
+        worker.close()
+    row = style_table([Scored(Sample("q", 0, (1,), (2,), c, (0.0,), "stop", 0, "hf"), s)
+                       for c, s in zip(completions, scores)])
     assert row == pytest.approx({"questions": 3, "accuracy": 100 / 3, "steps_share": 200 / 3, "steps_accuracy": 50.0,
                                  "terse_share": 100 / 3, "terse_accuracy": 0.0})

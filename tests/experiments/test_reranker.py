@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from experiments.reranker import HEAD_FILE, Reranker, train
-from tasks.synthetic import SyntheticConfig, generate
 from formats.hf import load_tokenizer
-from tasks.tiny_model import TinyModelConfig, build_tiny_model, corpus_from_examples
 from learner.data import Tokenized, tokenize_sft
+from tasks.synthetic import SyntheticConfig, generate
+from tasks.tiny_model import TinyModelConfig, build_tiny_model, corpus_from_examples
 
 SYN = SyntheticConfig(num_train=64, num_test=8)
 TINY = TinyModelConfig(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=128)

@@ -11,9 +11,9 @@ import torch
 import torch.distributed as dist
 import transformers
 
+from formats.hf import load_causal_lm
 from learner.config import LearnerConfig
 from learner.engine import lr_multiplier
-from formats.hf import load_causal_lm
 from learner.model import PolicyWithValue
 from learner.worker import LearnerWorker, find_free_port, token_outputs
 

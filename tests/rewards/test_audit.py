@@ -5,10 +5,10 @@ import sys
 
 import pytest
 
-from tasks.datasets import load_dataset
-from tasks.synthetic import SyntheticConfig
 from rewards.audit import audit_examples, perturb_ncot, perturb_program, wrong_answers
 from rewards.score import RewardConfig, Scorer, prepare_program
+from tasks.datasets import load_dataset
+from tasks.synthetic import SyntheticConfig
 
 # SVAMP N-CoT rows whose gold annotation is defective (checked by hand, 2026-11-23): eight are
 # GPT-3.5 non-answers with no trigger ("This question was already answered earlier. The answer

@@ -1,8 +1,14 @@
 """Answer extraction and comparison: tables of cases, incl. the traps that ruin peer runs."""
 import pytest
 
-from rewards.extract import (answer_text, numbers_equal, option_for_value, parse_mcq_letter,
-                             parse_mcq_options, parse_number)
+from rewards.extract import (
+    answer_text,
+    numbers_equal,
+    option_for_value,
+    parse_mcq_letter,
+    parse_mcq_options,
+    parse_number,
+)
 
 
 @pytest.mark.parametrize("text, expected", [

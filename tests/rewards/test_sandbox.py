@@ -25,7 +25,13 @@ from pathlib import Path
 import pytest
 
 from rewards import sandbox as sandbox_module
-from rewards.sandbox import STATUSES, ExecResult, ProgramSandbox, SandboxLimits, run_program
+from rewards.sandbox import (
+    STATUSES,
+    ExecResult,
+    ProgramSandbox,
+    SandboxLimits,
+    run_program,
+)
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the sandbox is Linux-only")
 

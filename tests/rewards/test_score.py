@@ -2,7 +2,13 @@
 import pytest
 
 from rewards.sandbox import ExecResult
-from rewards.score import RewardConfig, format_number, prepare_program, score_ncot, score_program
+from rewards.score import (
+    RewardConfig,
+    format_number,
+    prepare_program,
+    score_ncot,
+    score_program,
+)
 
 MCQ_OPTIONS = {"a": "38", "b": "27.675", "c": "30", "d": "data inadequate", "e": "none of these"}
 

@@ -3,8 +3,14 @@ import json
 
 import pytest
 
-from tasks.datasets import DatasetError, gsm8k_to_ncot, load_dataset, load_gsm8k_jsonl, load_reft_json
 from formats.records import build_prompt
+from tasks.datasets import (
+    DatasetError,
+    gsm8k_to_ncot,
+    load_dataset,
+    load_gsm8k_jsonl,
+    load_reft_json,
+)
 
 
 def test_gsm8k_answer_becomes_paper_ncot():

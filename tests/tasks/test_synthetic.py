@@ -5,8 +5,8 @@ import re
 import pytest
 
 from formats.records import ANSWER_TRIGGER, pcot_header
-from tasks.synthetic import SyntheticConfig, generate
 from rewards.extract import answer_text, parse_number
+from tasks.synthetic import SyntheticConfig, generate
 
 CFG = SyntheticConfig(num_train=200, num_test=100)
 EQUATION = re.compile(r", so [A-Z][a-z]+ has (\d+) ([-+*/]) (\d+) = (\d+) [a-z]+\.$")

@@ -7,9 +7,9 @@ import torch
 from tokenizers import Tokenizer, models
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
+from formats.hf import load_tokenizer
 from formats.records import build_prompt, pcot_header
 from tasks.synthetic import SyntheticConfig, generate
-from formats.hf import load_tokenizer
 from tasks.tiny_model import TinyModelConfig, build_tiny_model, corpus_from_examples
 
 SYN = SyntheticConfig(num_train=200, num_test=50)
