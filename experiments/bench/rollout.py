@@ -12,8 +12,11 @@ never stops it) in the driver process. One timed run each.
 
 Sync latency: for the tiny model (hidden 256, 4 layers, ~3 M parameters: the embedded default)
 and a ~10x larger one (hidden 640, 8 layers, ~35 M), per transport (shm, object_store, gloo
-broadcast): learner-side publish (checks, checksums, HF probe, write/put) and sampler-side
-update (drain, load, verify), verify "both" and "off"; the median of ``repeats`` syncs.
+broadcast), from a real DeepSpeed learner actor: publish (export, checks, checksums, the probe's
+expectation, write/put) and sampler-side update (drain, load, verify), verify "both" and "off",
+published by learner rank 0 (the system) and, for comparison, by the driver after fetching the
+full state dict (the shape before); the median of ``repeats`` syncs, and the bytes of the handle
+that crosses the driver.
 Prints one line per figure and a JSON summary at the end; not a test.
 """
 from __future__ import annotations
@@ -23,6 +26,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import statistics
 import tempfile
 import time
@@ -108,30 +112,59 @@ def bench_hf(model_dir: Path, prompts: list[str], n: int, max_tokens: int) -> di
     return {"tokens": tokens, "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds)}
 
 
-def perturbed(model_dir: Path, seed: int) -> dict:
-    """The model's weights plus a little noise: a new version for every sync."""
-    import torch
+def start_learner(model_dir: Path):
+    """One DeepSpeed learner rank (ZeRO-2, fp32) holding the model: the publisher of the syncs."""
+    from cluster.actor_group import ActorGroup
+    from learner.config import LearnerConfig
+    from learner.worker import LearnerWorker
+    cfg = LearnerConfig(model=str(model_dir), with_reference=False, lr=1e-4, micro_batch_size=8)
+    return ActorGroup(LearnerWorker, 1, cfg, num_cpus_per_actor=0.5, name_prefix="bench-learner", timeout_s=600)
 
-    from formats.hf import load_causal_lm
-    state = load_causal_lm(str(model_dir), "fp32").state_dict()
-    g = torch.Generator().manual_seed(seed)
-    return {k: v + 1e-3 * torch.randn(v.shape, generator=g) for k, v in state.items()}
+
+def new_version(learner, model_dir: Path) -> None:
+    """One SFT step on a few synthetic examples: the learner's weights change, so the next
+    export is a new one (not timed)."""
+    from formats.hf import load_tokenizer
+    from learner.data import collate, tokenize_sft
+    from learner.worker import LearnerWorker
+    from tasks.synthetic import SyntheticConfig, generate
+    tokenizer = load_tokenizer(model_dir)
+    batch = collate([tokenize_sft(tokenizer, e) for e in generate(SyntheticConfig())[0][:8]], tokenizer.pad_token_id)
+    learner.run_sharded(LearnerWorker.sft_step, batch)
 
 
-def bench_sync(actor, cfg, model_dir: Path, transport: str, verify: str, repeats: int, version0: int) -> dict:
+def bench_sync(actor, learner, cfg, model_dir: Path, transport: str, verify: str, repeats: int, version0: int,
+               path: str) -> dict:
+    """``repeats`` syncs of new versions from the learner to the rollout actor, one of two ways:
+
+    * "learner" (the system's): learner rank 0 exports and publishes (checksums, probe on its own
+      policy, write / put / broadcast); the driver gets the handle and passes it to the sampler.
+    * "driver" (the shape before): the full state dict goes from the learner to the driver
+      (``export_weights``), which publishes it (probe rebuilt from the tensors on CPU).
+    """
     import ray
 
-    from actors.weight_sync import make_weight_sync
-    sync = make_weight_sync(dataclasses.replace(cfg, verify=verify), transport)
-    publish, update, load, check = [], [], [], []
+    from actors.weight_sync import RemoteSender, make_weight_sync
+    from learner.worker import LearnerWorker
+
+    cfg = dataclasses.replace(cfg, verify=verify, sync=transport)
+    if path == "learner":
+        learner.run(LearnerWorker.open_weight_sync, cfg)
+        sync = RemoteSender(learner.actors[0], transport, 600)
+    else:
+        sync = make_weight_sync(cfg, transport)
+    publish, update, load, check, handle_bytes = [], [], [], [], []
     try:
-        if transport in ("gloo", "nccl"):
-            sync.attach("bench", lambda info: actor.join_weight_sync.remote(info), cfg.sync_timeout_s)
+        sync.attach("bench", lambda info: actor.join_weight_sync.remote(info), cfg.sync_timeout_s)
         for k in range(repeats):
-            state = perturbed(model_dir, seed=version0 + k)
+            new_version(learner, model_dir)
             start = time.perf_counter()
-            handle = sync.publish(state, version0 + k)
+            if path == "learner":
+                handle = learner.run(LearnerWorker.publish_weights, version0 + k)[0]
+            else:
+                handle = sync.publish(learner.run(LearnerWorker.export_weights)[0], version0 + k)
             publish.append(time.perf_counter() - start)
+            handle_bytes.append(len(pickle.dumps(dataclasses.replace(handle, location=None))))
             start = time.perf_counter()
             ref = actor.update_weights.remote(handle)
             sync.transmit(handle, ["bench"], cfg.sync_timeout_s)
@@ -140,11 +173,16 @@ def bench_sync(actor, cfg, model_dir: Path, transport: str, verify: str, repeats
             load.append(report["load_s"])
             check.append(report["verify_s"])
     finally:
+        sync.detach("bench")
         sync.close()
+        if path == "learner":
+            learner.run(LearnerWorker.close_weight_sync)
+
     def med(xs):
         return round(statistics.median(xs), 3)
-    return {"transport": transport, "verify": verify, "publish_s": med(publish), "update_s": med(update),
-            "load_s": med(load), "verify_s": med(check), "end_to_end_s": med([a + b for a, b in zip(publish, update)])}
+    return {"path": path, "transport": transport, "verify": verify, "publish_s": med(publish),
+            "update_s": med(update), "load_s": med(load), "verify_s": med(check),
+            "end_to_end_s": med([a + b for a, b in zip(publish, update)]), "handle_bytes": max(handle_bytes)}
 
 
 def main(argv=None) -> dict:
@@ -154,6 +192,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--transports", default="shm,object_store,gloo")
+    parser.add_argument("--paths", default="learner,driver",
+                        help="who publishes: learner rank 0 (the system) and/or the driver (the shape before)")
+    parser.add_argument("--verify", default="off,both")
     args = parser.parse_args(argv)
 
     import ray
@@ -172,6 +213,7 @@ def main(argv=None) -> dict:
                                     start_timeout_s=600, sync_timeout_s=600)
                 params = num_params(model_dir)
                 actor, startup = start_actor(cfg, f"bench-{name}")
+                learner = start_learner(model_dir)
                 print(f"[{name}] {params / 1e6:.1f} M parameters; engine start {startup:.1f} s", flush=True)
                 try:
                     if name == "tiny":
@@ -185,15 +227,19 @@ def main(argv=None) -> dict:
                               flush=True)
                     version = 1
                     for transport in args.transports.split(","):
-                        for verify in ("off", "both"):
-                            row = bench_sync(actor, cfg, model_dir, transport, verify, args.repeats, version)
-                            version += args.repeats
-                            row.update(model=name, params=params, mb=round(params * 4 / 1e6, 1))
-                            sync_rows.append(row)
-                            print(f"[{name}] sync {transport:12s} verify={verify:4s}: publish {row['publish_s']} s, "
-                                  f"update {row['update_s']} s (load {row['load_s']}, verify {row['verify_s']}), "
-                                  f"end to end {row['end_to_end_s']} s", flush=True)
+                        for verify in args.verify.split(","):
+                            for path in args.paths.split(","):
+                                row = bench_sync(actor, learner, cfg, model_dir, transport, verify, args.repeats,
+                                                 version, path)
+                                version += args.repeats
+                                row.update(model=name, params=params, mb=round(params * 4 / 1e6, 1))
+                                sync_rows.append(row)
+                                print(f"[{name}] sync {transport:12s} verify={verify:4s} published by {path:7s}: "
+                                      f"publish {row['publish_s']} s, update {row['update_s']} s (load "
+                                      f"{row['load_s']}, verify {row['verify_s']}), end to end {row['end_to_end_s']} s,"
+                                      f" {row['handle_bytes']} bytes through the driver", flush=True)
                 finally:
+                    learner.kill()
                     ray.get(actor.shutdown.remote(), timeout=120)
                     ray.kill(actor)
             results["sync"] = sync_rows

@@ -16,7 +16,7 @@ from cluster.baselines import (
 )
 from cluster.config import RunConfig
 from cluster.config_io import ConfigError, load_config
-from experiments.sampled_eval import Scored
+from cluster.evaluate import Scored
 from formats.records import Example
 from learner.data import Tokenized
 from rewards.score import Score
