@@ -29,7 +29,7 @@ class RolloutConfig:
 
     dtype: str = "auto"
     """vLLM's compute dtype. "auto" = "float32" on CPU (bf16 measured slower on AVX2 CPUs,
-    DESIGN §6, and fp32 makes the sampler's logprobs match the learner's to ~1e-6) and "bfloat16"
+    docs/measurements.md §2, and fp32 makes the sampler's logprobs match the learner's to ~1e-6) and "bfloat16"
     on GPU (the paper's setting, half the memory)."""
 
     max_model_len: int = 1024
@@ -55,7 +55,7 @@ class RolloutConfig:
     enable_prefix_caching: bool = True
     """Reuse the KV cache of shared prompt prefixes (K samples of one question share the whole
     prompt). After every weight load the cache is reset, or cached prefixes keep the old
-    weights' keys and values (DESIGN §6); the weight-sync probe checks exactly that."""
+    weights' keys and values (docs/measurements.md §2); the weight-sync probe checks exactly that."""
 
     enable_chunked_prefill: Optional[bool] = None
     """None = False on CPU, True on GPU. vLLM 0.32's CPU backend crashes the engine ("CPU
@@ -76,7 +76,7 @@ class RolloutConfig:
     num_cpus_per_actor: float = 0.5
     """Ray CPUs reserved per actor: a scheduling share only (vLLM's CPU backend uses the node's
     cores whatever Ray reserves). Fractional because two num_cpus=1 actors fill a 2-CPU node and
-    the next actor waits forever without an error (DESIGN §6)."""
+    the next actor waits forever without an error (docs/measurements.md §2)."""
 
     num_gpus_per_actor: Optional[float] = None
     """For a fleet on its own: None = ``tensor_parallel_size`` when the Ray cluster has GPUs,

@@ -16,7 +16,7 @@ Transports (``RolloutConfig.sync``):
 1. ``SharedMemoryDirSync`` ("shm"): the state dict as one safetensors file in a versioned
    directory under /dev/shm (RAM); each engine reloads from it with
    ``collective_rpc("reload_weights", weights_path=dir)``. This is what works on vLLM's CPU
-   backend (in-place ``load_weights`` fails there: weights are repacked after loading, DESIGN §6).
+   backend (in-place ``load_weights`` fails there: weights are repacked after loading, docs/measurements.md §2).
    Single node only. The previous version's directory is kept (a lagging receiver may still read
    it), older ones are removed, and the publisher's directory goes when it is closed or its
    process exits; a process killed with SIGKILL leaves it behind (``rm -r /dev/shm/reft-weights``

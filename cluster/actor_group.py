@@ -91,7 +91,7 @@ class ActorGroup:
                 ``num_cpus_per_actor``.
             num_cpus_per_actor: Ray CPUs reserved per rank without ``options``. Fractional by
                 default: on a 2-CPU node two actors with num_cpus=1 fill it and the next actor (a
-                rollout, a reward) waits forever without an error (DESIGN §6). This is a
+                rollout, a reward) waits forever without an error (docs/measurements.md §2). This is a
                 scheduling share only; Ray sets OMP_NUM_THREADS=1 for fractional actors.
             timeout_s: how long ``run``/``run_sharded``/start-up wait for all ranks.
         """

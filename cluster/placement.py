@@ -5,7 +5,7 @@ machines without GPUs.
     cpu        one node, no GPU. No placement group: learners reserve ``cluster.learner_cpus``
                each, rollout actors a fraction of a CPU (vLLM's CPU backend uses the node's cores
                whatever Ray reserves; two whole-CPU actors would fill a 2-core node and the next
-               would wait forever, DESIGN §6).
+               would wait forever, docs/measurements.md §2).
     local-gpu  one GPU shared by everything: one bundle {GPU: 1}; the learner (rank 0 only) and
                the rollout engine each take half of it. vLLM keeps to
                ``rollout.gpu_memory_utilization`` and sleeps (weights to CPU RAM, KV cache freed)

@@ -223,6 +223,9 @@ class RLTrainer:
         self.learners.run(LearnerWorker.save_policy, str(path / "policy"))   # what `reft eval` loads
         dump_yaml(self.cfg, path / "config.yaml")
         (self.run_dir / "checkpoints" / "latest").write_text(path.name)
+        # Proof that a checkpoint reuses the sync's export: one export per published version.
+        exports = self.learners.run(LearnerWorker.stats)[0]["exports"]
+        self.metrics.write(self.state.step, {"learner/exports": float(exports), "learner/versions": float(self.state.version)})
         return path
 
     def load(self, path: Path) -> None:

@@ -4,7 +4,7 @@ Tokenizers. ``load_tokenizer`` loads the project's own word-level tokenizers (``
 builds them) with the class their config names, never through AutoTokenizer's model-type overrides,
 and checks an exact round trip; any other checkpoint's tokenizer comes from AutoTokenizer.
 
-The trap (DESIGN.md §6): transformers 5 replaces the saved tokenizer class for some model types
+The trap (docs/measurements.md §2): transformers 5 replaces the saved tokenizer class for some model types
 (qwen2 among them) and `AutoTokenizer` then builds a byte-level Qwen2 BPE from our vocabulary:
 other ids, every reward 0. Our ``tokenizer_config.json`` therefore names
 ``PreTrainedTokenizerFast`` AND carries an ``auto_map`` entry (transformers skips its override when

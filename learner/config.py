@@ -41,7 +41,7 @@ class LearnerConfig:
 
     dtype: str = "fp32"
     """"fp32" or "bf16". fp32 by default because the embedded default runs on CPU, where DeepSpeed
-    refuses fp16 and bf16 measured ~5x slower than fp32 (DESIGN §6). bf16 is the paper's GPU
+    refuses fp16 and bf16 measured ~5x slower than fp32 (docs/measurements.md §2). bf16 is the paper's GPU
     setting (``mixed_precision: bf16``): set it on GPUs."""
 
     backend: str = "auto"

@@ -2,7 +2,7 @@
 export and checkpoints. Knows nothing about PPO; ``learner.worker`` drives it.
 
 The same code runs on CPU (gloo, fp32) and on GPUs (NCCL, bf16) by changing
-``LearnerConfig.backend`` / ``dtype``. Three DeepSpeed habits are avoided on purpose (DESIGN §6):
+``LearnerConfig.backend`` / ``dtype``. Three DeepSpeed habits are avoided on purpose (docs/measurements.md §2):
 its own optimizers (``optimizer`` config block) compile FusedAdam / cpu_adam C++ extensions for
 minutes, so a plain ``torch.optim.AdamW`` is passed in; its CPU shared-memory all-reduce is also
 compiled on first use (~100 s), so ``init_distributed`` switches that build off; and its LR

@@ -38,7 +38,7 @@ class SyntheticConfig:
     seed: int = 0
     """Seeds the one random stream that draws every problem: same seed, same data."""
     num_train: int = 1000
-    """A FIXED training set that the tiny model can memorise. DESIGN.md §6: 5,000 easy problems let SFT
+    """A FIXED training set that the tiny model can memorise. docs/measurements.md §2: 5,000 easy problems let SFT
     alone saturate test accuracy, so there is nothing left for RL; ReFT's gain lives where SFT overfits
     a small set with one gold CoT per question and RL keeps learning from its own samples."""
     num_test: int = 500
@@ -56,7 +56,7 @@ class SyntheticConfig:
     to longer problems than any seen in training."""
     max_operand: int = 20
     """Largest number a sentence introduces (start count, operand). 20 is the calibrated setting of
-    DESIGN.md §6; operands are drawn from [2, max_operand]."""
+    docs/measurements.md §2; operands are drawn from [2, max_operand]."""
     max_value: int = 200
     """Largest count any step may produce. The tokenizer holds every integer up to it as one token,
     twice (with and without a leading space), so the vocabulary grows by 2 per unit: 200 keeps it

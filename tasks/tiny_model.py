@@ -13,7 +13,7 @@ never merged with the indentation after it, so that tokenizing a prompt (which e
 and its completion separately gives the same ids as tokenizing the two together: the ids vLLM
 samples after a prompt are the ids SFT trained on.
 
-The trap (DESIGN.md §6): transformers 5 replaces the saved tokenizer class for some model types
+The trap (docs/measurements.md §2): transformers 5 replaces the saved tokenizer class for some model types
 (qwen2 among them, ``MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS``) and `AutoTokenizer` then builds a
 byte-level Qwen2 BPE from our vocabulary: other ids, every reward 0. ``tokenizer_config.json``
 therefore names ``PreTrainedTokenizerFast`` AND carries an ``auto_map`` entry; transformers skips
@@ -49,10 +49,10 @@ PIECE_PATTERN = r"\n| ?[A-Za-z]+| ?\d+| ?[^\sA-Za-z\d]| +"
 @dataclasses.dataclass(frozen=True)
 class TinyModelConfig:
     arch: str = "qwen2"
-    """"qwen2" (q/k/v biases), the architecture DESIGN.md §6 calibrated; "llama" is CodeLLaMA's, the
+    """"qwen2" (q/k/v biases), the architecture docs/measurements.md §2 calibrated; "llama" is CodeLLaMA's, the
     paper's main model (same blocks without biases). HF and vLLM run both without custom code."""
     hidden_size: int = 256
-    """The calibrated width (DESIGN.md §6): SFT from scratch learns 1-2 step problems in minutes on 2 cores."""
+    """The calibrated width (docs/measurements.md §2): SFT from scratch learns 1-2 step problems in minutes on 2 cores."""
     num_layers: int = 4
     """The calibrated depth; with hidden 256 the model has ~3 M parameters, ~2,500 tokens/s of SFT here."""
     num_heads: int = 4

@@ -7,7 +7,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("REFT_DATA_DIR", REPO.parent / "shared" / "data"))
 
-# Every Ray client and head in the test session uses the same auth mode (DESIGN.md §6).
+# Every Ray client and head in the test session uses the same auth mode (docs/measurements.md §2).
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 

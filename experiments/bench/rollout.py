@@ -159,12 +159,15 @@ def bench_sync(actor, learner, cfg, model_dir: Path, transport: str, verify: str
         for k in range(repeats):
             new_version(learner, model_dir)
             start = time.perf_counter()
+            state_bytes = 0
             if path == "learner":
                 handle = learner.run(LearnerWorker.publish_weights, version0 + k)[0]
             else:
-                handle = sync.publish(learner.run(LearnerWorker.export_weights)[0], version0 + k)
+                state = learner.run(LearnerWorker.export_weights)[0]
+                state_bytes = sum(t.numel() * t.element_size() for t in state.values())
+                handle = sync.publish(state, version0 + k)
             publish.append(time.perf_counter() - start)
-            handle_bytes.append(len(pickle.dumps(dataclasses.replace(handle, location=None))))
+            handle_bytes.append(state_bytes + len(pickle.dumps(dataclasses.replace(handle, location=None))))
             start = time.perf_counter()
             ref = actor.update_weights.remote(handle)
             sync.transmit(handle, ["bench"], cfg.sync_timeout_s)

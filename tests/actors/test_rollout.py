@@ -36,7 +36,7 @@ from tasks.tiny_model import TinyModelConfig, build_tiny_model, corpus_from_exam
 
 SYN = SyntheticConfig(num_train=200, num_test=20)
 TINY = TinyModelConfig(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=128)
-LOGPROB_ATOL = 1e-4   # fp32 vLLM vs HF measured ~3e-6 (DESIGN §6); a wrong temperature is off by >1e-2
+LOGPROB_ATOL = 1e-4   # fp32 vLLM vs HF measured ~3e-6 (docs/measurements.md §2); a wrong temperature is off by >1e-2
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 

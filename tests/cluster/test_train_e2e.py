@@ -53,6 +53,12 @@ def test_reft_loop_end_to_end(smoke_run):
     # every step synced the samplers: fp32 sampler and learner agree on the sampled tokens' logprobs
     assert all(r["rl/staleness"] == 0 for r in steps)
     assert max(r["rl/sampler_logprob_gap"] for r in steps) < 1e-3
+    # Learner rank 0 published every version itself: what crossed the driver per sync was a handle
+    # of a few KiB (the tiny model's weights are MBs), and each checkpoint reused the sync's export.
+    assert 0 < max(r["rollout/handle_bytes"] for r in steps) < 64 * 1024
+    from cluster.metrics import read_metrics
+    saves = [r for r in read_metrics(run_dir / "rl" / "metrics.jsonl") if "learner/exports" in r]
+    assert saves and all(r["learner/exports"] == r["learner/versions"] for r in saves)
 
     # the run directory: config, metrics, a checkpoint, the table, the plot
     assert (run_dir / "config.yaml").is_file() and (run_dir / "rl" / "metrics.csv").is_file()

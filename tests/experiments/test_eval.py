@@ -54,6 +54,17 @@ def test_train_reranker_eval_and_report(tmp_path, ray_local, capsys):
     assert (out / "eval.csv").is_file() and (out / "voting.png").stat().st_size > 10_000
     assert f"reranking@{SAMPLES}" in capsys.readouterr().out
 
+    # One evaluator, two engines: HF generate in this process (SFT's per-epoch evaluation) gives
+    # the vLLM fleet's greedy completions and verdicts on the same checkpoint, token for token.
+    from cluster.evaluate import HFEvaluator
+    from experiments.sampled_eval import load_questions, resolve_config
+    cfg, _ = resolve_config(checkpoint, "synthetic", None)
+    with HFEvaluator(cfg, checkpoint) as hf:
+        local = hf.greedy(load_questions(cfg, "test", QUESTIONS), 48)
+    assert [s.sample.completion_text for s in local.scored] == [q["greedy"]["completion"] for q in questions]
+    assert [s.score.correct for s in local.scored] == [q["greedy"]["correct"] for q in questions]
+    assert local.accuracy == pytest.approx(result["greedy"]["accuracy"])
+
     # 3. the report over the run: Table 2 from the SFT metrics, Table 4 from the evaluation
     assert main(["report", str(run), "--out", str(tmp_path / "report")]) == 0
     table4 = (tmp_path / "report" / "table4.csv").read_text()

@@ -6,7 +6,7 @@
 
 The run-config loader has no inheritance (``cluster.config_io``), so the 16 files are generated from
 one template instead of being kept in sync by hand. Values: Luong et al. (ACL 2024) §4.3 / App. B
-and its code, lqtrung1998/mwp_ReFT ``exps/paper_exps/{SFT,ReFT,OffSL,OnSL}`` (DESIGN.md §3).
+and its code, lqtrung1998/mwp_ReFT ``exps/paper_exps/{SFT,ReFT,OffSL,OnSL}`` (docs/measurements.md §1).
 """
 from __future__ import annotations
 
