@@ -14,7 +14,7 @@ as 0 would hide a broken dataset.
 
 A P-CoT sample is the model's continuation of the P-CoT prompt, which already holds the function
 header; give its ``question`` and the header is put back before the program is cut and run
-(``rewards.score.prepare_program``). Without a question the completion must be a whole program.
+(``rewards.score.prepare_program``, once, in ``Scorer.score``). Without a question the completion must be a whole program.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from typing import Callable, Mapping, Optional, Sequence, Union
 
 from actors.config import RAY_NAMESPACE
 from rewards.sandbox import STATUSES
-from rewards.score import RewardConfig, Score, Scorer, prepare_program
+from rewards.score import RewardConfig, Score, Scorer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,9 +64,8 @@ class RewardWorker:
             groups[(item.cot_kind, item.dataset)].append(position)
         for (kind, dataset), positions in groups.items():
             group = [items[p] for p in positions]
-            texts = [prepare_program(i.completion, question=i.question) if kind == "pcot" and i.question is not None
-                     else i.completion for i in group]
-            results = self.scorer.score(texts, [i.gold for i in group], kind, dataset, [i.options for i in group])
+            results = self.scorer.score([i.completion for i in group], [i.gold for i in group], kind, dataset,
+                                        [i.options for i in group], questions=[i.question for i in group])
             for position, result in zip(positions, results):
                 scores[position] = result
         self._batch_seconds.append(time.perf_counter() - start)

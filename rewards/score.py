@@ -31,8 +31,8 @@ MCQ_DATASETS = frozenset({"mathqa"})   # answers are option letters a-e
 class RewardConfig:
     correct_reward: float = 1.0
     partial_reward: float = 0.1     # paper §3: "0.1 partial reward" for a wrong but extractable answer
-    program_timeout_s: float = 10.0  # paper's code: 10 s per program
-    program_memory_mb: int = 1024    # far above what a word problem needs; stops memory bombs
+    program_timeout_s: float = SandboxLimits.timeout_s   # paper's code: 10 s per program
+    program_memory_mb: int = SandboxLimits.memory_mb     # far above what a word problem needs; stops memory bombs
     sandbox_workers: Optional[int] = None  # None = one per CPU core
 
     def __post_init__(self):
@@ -40,6 +40,11 @@ class RewardConfig:
             raise ValueError(f"reward.partial_reward must be in [0, correct_reward], got {self.partial_reward}")
         if self.program_timeout_s <= 0:
             raise ValueError(f"reward.program_timeout_s must be > 0, got {self.program_timeout_s}")
+
+    @property
+    def sandbox_limits(self) -> SandboxLimits:
+        """The sandbox's limits from this config (the sandbox's own defaults are these fields')."""
+        return SandboxLimits(timeout_s=self.program_timeout_s, memory_mb=self.program_memory_mb)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,9 +54,6 @@ class Score:
     status: str             # ok | no_answer | timeout | error | killed
     correct: bool
     detail: str = ""        # why there is no answer (exception, signal, unparseable text)
-
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 def format_number(value: float) -> str:
@@ -132,18 +134,21 @@ class Scorer:
         self.cfg = cfg
         self.sandbox = ProgramSandbox(
             num_workers=cfg.sandbox_workers,
-            limits=SandboxLimits(timeout_s=cfg.program_timeout_s, memory_mb=cfg.program_memory_mb))
+            limits=cfg.sandbox_limits)
 
     def score(self, completions: Sequence[str], golds: Sequence[str], cot_kind: str, dataset: str,
-              options: Optional[Sequence[Optional[Mapping[str, str]]]] = None) -> list[Score]:
-        """One score per completion. For P-CoT a completion is a whole program (see `prepare_program`)."""
+              options: Optional[Sequence[Optional[Mapping[str, str]]]] = None,
+              questions: Optional[Sequence[Optional[str]]] = None) -> list[Score]:
+        """One score per completion. For P-CoT a completion is a whole program, or with its
+        ``questions[i]`` the continuation of the P-CoT prompt (see `prepare_program`, run once)."""
         if len(completions) != len(golds):
             raise ValueError(f"{len(completions)} completions but {len(golds)} gold answers")
         options = options or [None] * len(completions)
         if cot_kind == "ncot":
             return [score_ncot(c, g, dataset, o, self.cfg) for c, g, o in zip(completions, golds, options)]
         if cot_kind == "pcot":
-            results = self.sandbox.run_many([prepare_program(c) for c in completions])
+            questions = questions or [None] * len(completions)
+            results = self.sandbox.run_many([prepare_program(c, question=q) for c, q in zip(completions, questions)])
             return [score_program(r, g, dataset, o, self.cfg) for r, g, o in zip(results, golds, options)]
         raise ValueError(f"cot_kind must be 'ncot' or 'pcot', got {cot_kind!r}")
 
