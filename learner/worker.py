@@ -10,7 +10,7 @@ Every batch is a dict of CPU tensors, all (B, L) and aligned with ``input_ids``:
     attention_mask long   1 on prompt and response tokens (1s then 0s: right padding)
     response_mask  long   1 on generated tokens: the tokens losses and scores are about
     and, for ``ppo_update``, per-token float32 tensors, 0 (or anything) off the response:
-    old_logprobs   log pi_old(token t | tokens < t), from ``compute_logprobs_and_values``
+    old_logprobs   log pi_old(token t | tokens < t), from ``score`` (or the sampler's, for a stale batch)
     old_values     V(state before token t), same call
     advantages     A_t (whitened over the WHOLE batch before sharding)
     returns        R_t, the value targets

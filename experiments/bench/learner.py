@@ -48,7 +48,7 @@ def bench_config(model_dir: Path, ranks: int, stage: int, batch, steps: int) -> 
             group.run_sharded(LearnerWorker.sft_step, batch)
         sft_s = (time.perf_counter() - start) / steps
 
-        scores = group.run_sharded(LearnerWorker.compute_logprobs_and_values, batch)
+        scores = group.run_sharded(LearnerWorker.score, batch, 1.0, False)
         from cluster.actor_group import unshard
         scores = unshard(scores)
         mask = batch["response_mask"].float()
@@ -57,12 +57,12 @@ def bench_config(model_dir: Path, ranks: int, stage: int, batch, steps: int) -> 
                          advantages=advantages, returns=scores.values + advantages)
         start = time.perf_counter()
         for _ in range(steps):
-            group.run_sharded(LearnerWorker.compute_logprobs_and_values, batch)
-            group.run_sharded(LearnerWorker.ppo_update, ppo_batch)
+            group.run_sharded(LearnerWorker.score, batch, 1.0, False)
+            group.run_sharded(LearnerWorker.ppo_update, ppo_batch, 1.0)
         ppo_s = (time.perf_counter() - start) / steps
 
         start = time.perf_counter()
-        group.run(LearnerWorker.export_weights)
+        group.run(LearnerWorker.export_weights)   # a new export: the weights changed since the last
         export_s = time.perf_counter() - start
     finally:
         group.kill()
