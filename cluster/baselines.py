@@ -59,7 +59,7 @@ def learnable(sample: Sample, score: Score) -> bool:
 # ------------------------------------------------------------------------------ sft, offline_st
 
 def run_sft_stage(cfg: RunConfig, base_model: str, run_dir: Path, train: list[Example], test: list[Example],
-                  resume: bool = False) -> list[dict]:
+                  resume: bool = False, self_training: bool = False) -> list[dict]:
     """The stage after the warm-up for sft and offline_st (``cfg.learner.model`` is the warm-up;
     ``base_model`` the model the warm-up started from). Returns the evaluation records, as
     `cluster.train.run_rl` does: step 0 (the warm-up), then one per epoch.
@@ -74,7 +74,7 @@ def run_sft_stage(cfg: RunConfig, base_model: str, run_dir: Path, train: list[Ex
     warmup = cfg.learner.model
     record = {"rl/epoch": 0.0, **evaluate_greedy(cfg, warmup, train, test)}
     data, start, fresh = train, warmup, False
-    if cfg.rl.algorithm == "offline_st":
+    if self_training:   # offline_st: the warm-up's correct samples join the gold CoTs
         added, sampling = sample_self_training(cfg, warmup, train)
         record.update(sampling)
         stage_dir.mkdir(parents=True, exist_ok=True)

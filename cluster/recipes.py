@@ -73,6 +73,7 @@ class RLRecipe:
 @dataclasses.dataclass(frozen=True)
 class SFTStageRecipe:
     name: str
+    self_training: bool = False   # add the warm-up's correct samples to the gold CoTs (offline_st)
     samples: bool = False
 
     def check(self, cfg: RunConfig) -> None:
@@ -81,7 +82,7 @@ class SFTStageRecipe:
                               f"{self.name} is SFT already: set rl.compare_sft=false")
 
     def run(self, cfg, base_model, run_dir, train, test, resume):
-        return run_sft_stage(cfg, base_model, run_dir, train, test, resume=resume)
+        return run_sft_stage(cfg, base_model, run_dir, train, test, resume=resume, self_training=self.self_training)
 
 
 def ppo_learn(recipe: RLRecipe, cfg: RunConfig, trainer: RLTrainer) -> Learn:
@@ -99,7 +100,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     # the paper's train_rl_sl.py: SFT losses, no KL term, on-policy
     RLRecipe("online_st", online_st_learn, uses_kl=False, on_policy=True),
     SFTStageRecipe("sft"),
-    SFTStageRecipe("offline_st"),
+    SFTStageRecipe("offline_st", self_training=True),
 )}
 
 

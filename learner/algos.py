@@ -1,7 +1,9 @@
 """The ReFT / PPO mathematics as pure functions on tensors (no model, no DeepSpeed, no Ray).
 
-Notation: B = batch of sequences, T = response tokens (the prompt is not included), V = vocabulary.
-``mask`` (B, T) is 1 on a token the policy generated and 0 on padding; rows are right-padded.
+Notation: B = batch of sequences, T = token positions, V = vocabulary. The functions take any
+(B, T) layout whose ``mask`` is 1 on the tokens the policy generated and 0 elsewhere: the learner
+passes its whole (B, L) batch (prompt + response + right padding, ``learner.worker``) with
+``response_mask``, so the prompt and the padding are masked out, not cut off.
 Tensors named ``logprobs`` are log pi(a_t | s_t) of the generated tokens, (B, T).
 
 The paper (Luong et al., ACL 2024, §3) in these terms, with its code lqtrung1998/mwp_ReFT:
