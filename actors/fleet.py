@@ -128,11 +128,16 @@ class RolloutFleet:
         self._backlog.extend(requests)
         self._dispatch()
 
-    def poll(self, timeout_s: float = 1.0) -> list[Sample]:
+    def poll(self, timeout_s: float = 1.0, request_ids: Optional[set] = None) -> list[Sample]:
         """Samples of requests answered since the last call (whole requests), waiting up to
-        ``timeout_s`` for the first; [] if none finished in time."""
-        self._pump(timeout_s, until=lambda: bool(self._ready))
-        out, self._ready = self._ready, []
+        ``timeout_s`` for the first; [] if none finished in time. With ``request_ids``, only
+        those requests' samples: the others stay queued for a later poll (an evaluation while the
+        next RL batch decodes, ``rl.max_staleness = 1``)."""
+        def mine(s: Sample) -> bool:
+            return request_ids is None or s.request_id in request_ids
+        self._pump(timeout_s, until=lambda: any(mine(s) for s in self._ready))
+        out = [s for s in self._ready if mine(s)]
+        self._ready = [s for s in self._ready if not mine(s)]
         return out
 
     def stream(self, timeout_s: float = 60.0) -> Iterator[Sample]:

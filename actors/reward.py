@@ -120,18 +120,20 @@ def reward_item(completion: str, example) -> RewardItem:
 
 
 def collect_scored(fleet, reward, example_of: Callable, expected: int, poll_timeout_s: float,
-                   get_timeout_s: float, on_chunk: Optional[Callable] = None) -> tuple[list, list[Score]]:
+                   get_timeout_s: float, on_chunk: Optional[Callable] = None,
+                   request_ids: Optional[set] = None) -> tuple[list, list[Score]]:
     """The next ``expected`` samples from a ``RolloutFleet`` and their scores, in arrival order.
 
     Each chunk of finished samples goes to ``reward`` (a reward actor) at once, so scoring overlaps
     the decoding of the rest. ``example_of(sample)`` is the question a sample answers;
-    ``on_chunk(samples)`` sees each chunk as it arrives (a progress bar). Raises TimeoutError if no
-    sample finishes for ``poll_timeout_s``.
+    ``on_chunk(samples)`` sees each chunk as it arrives (a progress bar); ``request_ids``: take only
+    these requests' samples (``RolloutFleet.poll``). Raises TimeoutError if no sample finishes for
+    ``poll_timeout_s``.
     """
     import ray
     pending, got = [], 0   # (samples, ObjectRef of their scores)
     while got < expected:
-        chunk = fleet.poll(timeout_s=poll_timeout_s)
+        chunk = fleet.poll(timeout_s=poll_timeout_s, request_ids=request_ids)
         if not chunk:
             raise TimeoutError(f"no rollout finished in {poll_timeout_s:.0f} s: {fleet.describe()}")
         pending.append((chunk, reward.score.remote([reward_item(s.completion_text, example_of(s)) for s in chunk])))

@@ -70,7 +70,7 @@ def eval_requests(examples: Sequence[Example], tokenizer, n: int, temperature: f
                   seed: int) -> list["SampleRequest"]:
     """One request per question; ``question_index`` is its position in ``examples``."""
     from actors.rollout import SampleRequest
-    return [SampleRequest(request_id=f"q{i}-{seed}", prompt=tuple(prompt_token_ids(tokenizer, e)), n=n,
+    return [SampleRequest(request_id=f"eval-q{i}-{seed}", prompt=tuple(prompt_token_ids(tokenizer, e)), n=n,
                           temperature=temperature, max_tokens=max_tokens, seed=seed + i, question_index=i)
             for i, e in enumerate(examples)]
 
@@ -156,7 +156,8 @@ class FleetEvaluator(Evaluator):
         try:
             return collect_scored(self.fleet, self.reward, lambda s: examples[s.question_index], total,
                                   self.cfg.rollout.call_timeout_s, self.cfg.cluster.call_timeout_s,
-                                  on_chunk=(lambda c: bar.update(len(c))) if bar else None)
+                                  on_chunk=(lambda c: bar.update(len(c))) if bar else None,
+                                  request_ids={r.request_id for r in requests})   # not a prefetched RL batch
         finally:
             if bar is not None:
                 bar.close()
