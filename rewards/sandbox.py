@@ -320,9 +320,3 @@ class ProgramSandbox:
         worker.dispose()
         with self._lock:
             self._workers.discard(worker)
-
-
-def run_program(program: str, limits: SandboxLimits = SandboxLimits()) -> ExecResult:
-    """Run one program in a one-off sandbox (a pool of one worker); for scripts and debugging."""
-    with ProgramSandbox(num_workers=1, limits=limits) as sandbox:
-        return sandbox.run(program)
