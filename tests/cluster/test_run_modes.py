@@ -161,7 +161,7 @@ def test_the_real_learner_group_goes_into_its_bundle(ray_gpus, tmp_path):
     ``learner-0`` holding half of bundle 0's GPU. It trains on CPU here (torch sees no CUDA)."""
     from cluster.sft import start_learners
     from learner.config import LearnerConfig
-    from tests.test_learner_engine import tiny_qwen2
+    from tests.learner.test_learner_engine import tiny_qwen2
 
     tiny_qwen2(tmp_path)
     placement = place(_cfg(*LOCAL_GPU))
