@@ -202,6 +202,7 @@ class OnlineSTLearn:
     """
 
     with_reference = False
+    with_critic = False
 
     def __init__(self, trainer):
         self.gold = [tokenize_sft(trainer.tokenizer, e) for e in trainer.train_set]

@@ -80,6 +80,7 @@ class SFTConfig:
 
 
 OFFLINE_INITS = ("base", "warmup")
+OLD_LOGPROBS = ("auto", "learner", "sampler")
 PAPER_KL_COEF = {"ncot": 0.05, "pcot": 0.01}
 
 
@@ -117,6 +118,16 @@ class RLConfig:
     max_staleness: int = 0
     """How many policy versions a batch may lag the learner: 0 = strictly on-policy (the paper);
     1 = sample batch t+1 while the learner trains on batch t."""
+    old_logprobs: str = "auto"
+    """PPO's old-policy log-probs of an on-policy batch. "learner": the learner recomputes them (a
+    forward of the policy per step, as the paper's code); "sampler": vLLM's, which in fp32 equal
+    the learner's to ~1e-6 (docs/measurements.md §2), so that pass is saved; "auto" = "sampler"
+    when the sampler and the learner both compute in fp32, else "learner" (bf16 kernels differ).
+    A batch sampled one version behind (max_staleness 1) always takes the sampler's."""
+    logprob_check_every: int = 10
+    """Where the sampler's log-probs stand in: every N steps the learner computes its own anyway
+    and logs rl/sampler_logprob_gap, the train/inference mismatch (a broken sync also fails the
+    sync's own checksums and probe). 0 = never."""
     eval_every: int = 10
     """Greedy evaluation on the test split every N steps (and at the end)."""
     checkpoint_every: int = 10
@@ -144,12 +155,22 @@ class RLConfig:
                 raise ValueError(f"rl.{key} must be >= 1, got {getattr(self, key)}")
         if self.kl_coef is not None and self.kl_coef < 0:
             raise ValueError(f"rl.kl_coef must be >= 0, got {self.kl_coef}")
+        if self.old_logprobs not in OLD_LOGPROBS:
+            raise ValueError(f"rl.old_logprobs must be one of {list(OLD_LOGPROBS)}, got {self.old_logprobs!r}")
+        if self.logprob_check_every < 0:
+            raise ValueError(f"rl.logprob_check_every must be >= 0, got {self.logprob_check_every}")
         if self.max_staleness not in (0, 1):
             raise ValueError(f"rl.max_staleness must be 0 or 1, got {self.max_staleness}")
         if self.offline_init not in OFFLINE_INITS:
             raise ValueError(f"rl.offline_init must be one of {list(OFFLINE_INITS)}, got {self.offline_init!r}")
         if not (self.temperature > 0 and 0 < self.top_p <= 1):
             raise ValueError(f"rl.temperature must be > 0 and rl.top_p in (0, 1], got {self.temperature}, {self.top_p}")
+
+    def recompute_old_logprobs(self, learner_dtype: str, sampler_dtype: str) -> bool:
+        """Whether the learner recomputes an on-policy batch's old log-probs (``old_logprobs``)."""
+        if self.old_logprobs == "auto":
+            return not (learner_dtype == "fp32" and sampler_dtype == "float32")
+        return self.old_logprobs == "learner"
 
     def paper_kl_coef(self, cot_kind: str) -> float:
         """beta: rl.kl_coef, or the paper's for the CoT kind."""

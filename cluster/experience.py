@@ -88,10 +88,10 @@ def add_advantages(batch: dict[str, Tensor], estimator: str, kl_coef: float,
         "rl/explained_variance": float(explained_variance(values, out.returns, mask)),
         "rl/response_length": float(mask.sum(-1).float().mean()),
     }
-    if "sampler_logprobs" in batch:
+    if "sampler_logprobs" in batch and "learner_logprobs" in batch:
         # Sampler (vLLM) vs learner log-probs of the same tokens under the same weights: the
-        # train/inference mismatch. Near 0 in fp32; grows with bf16, a broken weight sync, or
-        # (max_staleness 1) by one update's change of the policy.
-        learner = batch.get("learner_logprobs", batch["old_logprobs"])
+        # train/inference mismatch. Near 0 in fp32 (then the learner does not recompute them,
+        # ``cluster.rl.PPOLearn``); grows with bf16 or a broken weight sync.
+        learner = batch["learner_logprobs"]
         metrics["rl/sampler_logprob_gap"] = float(masked_mean((batch["sampler_logprobs"] - learner).abs(), mask))
     return ppo_batch, metrics

@@ -46,6 +46,7 @@ class RLRecipe:
     min_samples: int = 1              # samples per question the update needs
     uses_kl: bool = True              # does the update take the KL penalty (rl.kl_coef)?
     on_policy: bool = False           # refuses rl.max_staleness > 0 (the paper's baselines are on-policy)
+    critic: bool = True               # does the update read values (GAE)? If not, the learner has no critic
     samples: bool = True
 
     def kl_coef(self, cfg: RunConfig) -> float:
@@ -86,7 +87,10 @@ class SFTStageRecipe:
 
 
 def ppo_learn(recipe: RLRecipe, cfg: RunConfig, trainer: RLTrainer) -> Learn:
-    return PPOLearn(estimator=recipe.estimator, kl_coef=recipe.kl_coef(cfg))
+    sampler_dtype = cfg.rollout.resolved_dtype(on_gpu=cfg.cluster.mode != "cpu")
+    return PPOLearn(estimator=recipe.estimator, kl_coef=recipe.kl_coef(cfg), with_critic=recipe.critic,
+                    recompute_old=cfg.rl.recompute_old_logprobs(cfg.learner.dtype, sampler_dtype),
+                    check_every=cfg.rl.logprob_check_every)
 
 
 def online_st_learn(recipe: RLRecipe, cfg: RunConfig, trainer: RLTrainer) -> Learn:
@@ -95,10 +99,10 @@ def online_st_learn(recipe: RLRecipe, cfg: RunConfig, trainer: RLTrainer) -> Lea
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
     RLRecipe("reft", ppo_learn, estimator="gae"),
-    RLRecipe("grpo", ppo_learn, estimator="grpo", min_samples=2),
-    RLRecipe("rloo", ppo_learn, estimator="rloo", min_samples=2),
+    RLRecipe("grpo", ppo_learn, estimator="grpo", min_samples=2, critic=False),
+    RLRecipe("rloo", ppo_learn, estimator="rloo", min_samples=2, critic=False),
     # the paper's train_rl_sl.py: SFT losses, no KL term, on-policy
-    RLRecipe("online_st", online_st_learn, uses_kl=False, on_policy=True),
+    RLRecipe("online_st", online_st_learn, uses_kl=False, on_policy=True, critic=False),
     SFTStageRecipe("sft"),
     SFTStageRecipe("offline_st", self_training=True),
 )}

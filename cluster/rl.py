@@ -56,10 +56,11 @@ logger = logging.getLogger("reft")
 
 class Learn(Protocol):
     """The algorithm's half of an RL step (4-6 in the module docstring): from the step's scored
-    samples to an update of the learner; returns the step's metrics. ``with_reference``: whether
-    the learner must hold the frozen reference model."""
+    samples to an update of the learner; returns the step's metrics. ``with_reference`` /
+    ``with_critic``: whether the learner must hold the frozen reference model / a value model."""
 
     with_reference: bool
+    with_critic: bool
 
     def __call__(self, trainer: "RLTrainer", indices: Sequence[int], samples: Sequence[Sample],
                  scores: Sequence) -> dict: ...
@@ -67,9 +68,16 @@ class Learn(Protocol):
 
 @dataclasses.dataclass
 class PPOLearn:
-    """ReFT's update (and GRPO's, RLOO's: the same PPO loss with critic-free advantages)."""
+    """ReFT's update (and GRPO's, RLOO's: the same PPO loss with critic-free advantages).
+
+    Only the passes the algorithm needs run: the reference's when ``kl_coef > 0``, the critic's
+    when the estimator reads values, and the policy's own scoring pass only when the sampler's
+    log-probs cannot stand for PPO's old policy (``recompute_old``)."""
     estimator: str                 # a registered advantage estimator (learner.algos)
     kl_coef: float                 # beta of the per-token KL penalty to the reference
+    with_critic: bool = True       # does the estimator read V (GAE), or not (GRPO, RLOO)?
+    recompute_old: bool = True     # score an on-policy batch with the learner (else the sampler's log-probs)
+    check_every: int = 0           # with the sampler's: every N steps also the learner's, for the gap metric
 
     @property
     def with_reference(self) -> bool:
@@ -78,14 +86,19 @@ class PPOLearn:
     def __call__(self, trainer, indices, samples, scores):
         rl, state = trainer.cfg.rl, trainer.state
         batch = samples_to_batch(samples, trainer.pad_id)
-        scored = unshard(trainer.learners.run_sharded(LearnerWorker.score, batch, rl.temperature,
-                                                      self.with_reference))
         # A batch sampled one version ago: PPO's old policy is the sampler's (module docstring).
         stale = min(s.policy_version for s in samples) < state.version
-        old = batch["sampler_logprobs"] if stale else scored.logprobs
+        learner_old = self.recompute_old and not stale
+        check = bool(self.check_every) and state.step % self.check_every == 0
+        with_policy = learner_old or check
+        scored = unshard(trainer.learners.run_sharded(LearnerWorker.score, batch, rl.temperature,
+                                                      self.with_reference, with_policy))
+        old = scored.logprobs if learner_old else batch["sampler_logprobs"]
+        values = scored.values if scored.values is not None else torch.zeros_like(old)
         batch.update(scores=torch.tensor([sc.reward for sc in scores], dtype=torch.float32), old_logprobs=old,
-                     values=scored.values, learner_logprobs=scored.logprobs,
-                     ref_logprobs=scored.ref_logprobs if self.with_reference else old)
+                     values=values, ref_logprobs=scored.ref_logprobs if self.with_reference else old)
+        if scored.logprobs is not None:   # asked for, or free (a shared value head's forward)
+            batch["learner_logprobs"] = scored.logprobs   # the sampler/learner mismatch metric
         ppo_batch, metrics = add_advantages(batch, self.estimator, self.kl_coef, rl.advantage)
         update = trainer.learners.run_sharded(LearnerWorker.ppo_update, {k: ppo_batch[k] for k in PPO_KEYS},
                                               rl.temperature)[0]
@@ -115,24 +128,33 @@ class RLTrainer:
         self.tokenizer = load_tokenizer(warmup)
         self.pad_id = self.tokenizer.pad_token_id
         self.learn = learn(self)
-        learner_cfg = dataclasses.replace(cfg.learner, model=warmup, with_reference=self.learn.with_reference)
+        learner_cfg = dataclasses.replace(cfg.learner, model=warmup, with_reference=self.learn.with_reference,
+                                          value_head=cfg.learner.value_head if self.learn.with_critic else "none")
         # Where the actors go (cluster.mode); in local-gpu the engines sleep while the learner trains.
         self.placement = place(cfg)
         self.colocate = self.placement.plan.colocate
         rollout_cfg = self.placement.plan.rollout_config(dataclasses.replace(cfg.rollout, model=warmup))
         self.learners = self.fleet = self.reward = None
+        self.startup_s: dict[str, float] = {}   # seconds per component (the benchmark reports them)
         try:
+            t = time.perf_counter()
             self.learners = start_learners(cfg, learner_cfg, self.placement)                       # DeepSpeed ranks
             # Learner rank 0 publishes the weights; the fleet forwards the push transports' calls to it.
             self.learners.run(LearnerWorker.open_weight_sync, rollout_cfg)
+            self.startup_s["learner"] = time.perf_counter() - t
+            t = time.perf_counter()
             sender = RemoteSender(self.learners.actors[0], rollout_cfg.sync, cfg.cluster.call_timeout_s)
             self.fleet = RolloutFleet(rollout_cfg, sync=sender,
                                       actor_options=lambda i: self.placement.options("rollout", i))
+            self.startup_s["rollout"] = time.perf_counter() - t
+            t = time.perf_counter()
             self.reward = launch_reward(cfg.reward, name="reward-0",                               # sandboxed scoring
                                         num_cpus=self.placement.options("reward")["num_cpus"])
+            self.startup_s["reward"] = time.perf_counter() - t
         except BaseException:
             self._stop_actors()
             raise
+        logger.info("rl start-up: %s", ", ".join(f"{k} {v:.1f} s" for k, v in self.startup_s.items()))
         self.evaluator = FleetEvaluator(cfg, self.tokenizer, self.fleet, self.reward)
         self.state = TrainState()
         self.total_steps = total_steps(cfg, len(train))

@@ -26,6 +26,7 @@ from cluster.placement import Placement, place
 from cluster.runtime import init_ray, load_splits, make_run_dir, prepare_model
 from formats.hf import load_tokenizer
 from formats.records import Example
+from learner.config import LearnerConfig
 from learner.data import collate, tokenize_sft
 from learner.worker import LearnerWorker
 
@@ -43,6 +44,14 @@ def start_learners(cfg: RunConfig, learner_cfg, placement: Placement) -> ActorGr
     return ActorGroup(LearnerWorker, cfg.cluster.num_learners, learner_cfg,
                       options=lambda rank: placement.options("learner", rank), name_prefix="learner",
                       timeout_s=cfg.cluster.call_timeout_s)
+
+
+def sft_learner_config(cfg: RunConfig, total_steps: int) -> LearnerConfig:
+    """The learner of an SFT stage: the run's, with the SFT optimiser settings, no reference and
+    no value model (nothing reads a value: a separate critic would double every forward)."""
+    return dataclasses.replace(cfg.learner, with_reference=False, value_head="none", lr=cfg.sft.lr,
+                               lr_schedule=cfg.sft.lr_schedule, warmup_ratio=cfg.sft.warmup_ratio,
+                               total_steps=total_steps)
 
 
 def run_sft(cfg: RunConfig) -> SFTResult:
@@ -74,9 +83,7 @@ def train_sft(cfg: RunConfig, run_dir: Path, train: list[Example], test: list[Ex
     if steps_per_epoch == 0:
         raise ValueError(f"sft.batch_size={cfg.sft.batch_size} is larger than the {len(kept)} training examples")
     total_steps = steps_per_epoch * cfg.sft.epochs
-    learner_cfg = dataclasses.replace(cfg.learner, with_reference=False, lr=cfg.sft.lr,
-                                      lr_schedule=cfg.sft.lr_schedule, warmup_ratio=cfg.sft.warmup_ratio,
-                                      total_steps=total_steps)
+    learner_cfg = sft_learner_config(cfg, total_steps)
 
     # 2. the learner group (DeepSpeed ranks as Ray actors), placed by the run mode's plan
     init_ray(cfg)

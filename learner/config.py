@@ -13,7 +13,7 @@ import dataclasses
 from learner.algos import POLICY_LOSSES, VALUE_LOSSES
 from learner.masked import AGG_MODES
 
-VALUE_HEADS = ("shared", "separate")
+VALUE_HEADS = ("shared", "separate", "none")
 DTYPES = ("fp32", "bf16")
 BACKENDS = ("auto", "gloo", "nccl")
 LR_SCHEDULES = ("constant", "linear_warmup_constant", "linear_warmup_cosine")
@@ -33,7 +33,13 @@ class LearnerConfig:
     value_head: str = "shared"
     """"shared": a linear head on the policy's last hidden state (the paper's). "separate": a
     second copy of ``model`` as the critic backbone with its own head (the paper's ablation, same
-    accuracy, twice the memory)."""
+    accuracy, twice the memory). "none": no critic; the driver sets it where nothing reads a
+    value (the SFT stages, GRPO/RLOO's critic-free advantages), so no pass computes one."""
+
+    num_threads: int = 0
+    """torch intra-op threads per rank; 0 = what Ray gives the actor (OMP_NUM_THREADS = its whole
+    reserved CPUs, 1 for a fractional or one-CPU actor). On a CPU machine where the samplers idle
+    while the learner trains (on-policy), give it the machine's cores (the embedded default: 2)."""
 
     zero_stage: int = 2
     """DeepSpeed ZeRO stage 0-3. 2 as the paper's ``default_config_deepspeed.yaml``; 3 also
@@ -149,6 +155,8 @@ class LearnerConfig:
                 fail(key, ">= 0")
         if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
             fail("adam_betas", "two numbers in [0, 1)")
+        if self.num_threads < 0:
+            fail("num_threads", ">= 0")
         for key in ("micro_batch_size", "ppo_mini_batches", "ppo_epochs"):
             if not getattr(self, key) >= 1:
                 fail(key, ">= 1")

@@ -22,7 +22,7 @@ from formats.hf import load_causal_lm
 
 class Output(NamedTuple):
     logits: Tensor  # (B, L, V): logits[:, t] score token t + 1
-    values: Tensor  # (B, L) float32: V(state after tokens 0..t)
+    values: Optional[Tensor]  # (B, L) float32: V(state after tokens 0..t); None without a value head
 
 
 def load_reference(path_or_id: str, dtype: str) -> PreTrainedModel:
@@ -44,19 +44,22 @@ class PolicyWithValue(nn.Module):
     anything.
     """
 
-    def __init__(self, lm: PreTrainedModel, critic: Optional[PreTrainedModel] = None):
+    def __init__(self, lm: PreTrainedModel, critic: Optional[PreTrainedModel] = None, with_value: bool = True):
         super().__init__()
         self.lm = lm
         self.critic = critic
-        backbone = critic if critic is not None else lm
-        self.value_head = nn.Linear(backbone.config.hidden_size, 1, dtype=backbone.dtype)
-        nn.init.zeros_(self.value_head.weight)
-        nn.init.zeros_(self.value_head.bias)
+        self.value_head = None   # with_value=False: the policy alone (SFT; GRPO/RLOO need no critic)
+        if with_value:
+            backbone = critic if critic is not None else lm
+            self.value_head = nn.Linear(backbone.config.hidden_size, 1, dtype=backbone.dtype)
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
 
     @classmethod
     def from_pretrained(cls, path_or_id: str, value_head: str, dtype: str) -> "PolicyWithValue":
+        """``value_head``: "shared", "separate" or "none" (``learner.config.VALUE_HEADS``)."""
         critic = load_causal_lm(path_or_id, dtype, base_only=True) if value_head == "separate" else None
-        return cls(load_causal_lm(path_or_id, dtype), critic)
+        return cls(load_causal_lm(path_or_id, dtype), critic, with_value=value_head != "none")
 
     def gradient_checkpointing_enable(self) -> None:
         # Non-reentrant checkpointing: works with inputs that do not require grad and with ZeRO-3.
@@ -67,19 +70,28 @@ class PolicyWithValue(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Output:
         """input_ids, attention_mask: (B, L), right-padded. Returns per-position Output."""
-        out = self.lm(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            use_cache=False,
-            output_hidden_states=self.critic is None,
-        )
-        if self.critic is None:
-            hidden = out.hidden_states[-1]  # (B, L, H), after the final norm
+        shared = self.value_head is not None and self.critic is None
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=shared)
+        if self.value_head is None:
+            values = None
+        elif shared:
+            values = self._head(out.hidden_states[-1])  # (B, L, H) after the final norm
         else:
-            critic_out = self.critic(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-            hidden = critic_out.last_hidden_state
-        values = self.value_head(hidden).squeeze(-1).float()  # (B, L)
+            values = self.values(input_ids, attention_mask)
         return Output(logits=out.logits, values=values)
+
+    def values(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """(B, L) float32 values alone: with a separate critic, only its backbone runs (the
+        learner's scoring pass when PPO's old log-probs are the sampler's)."""
+        if self.value_head is None:
+            raise RuntimeError("values() on a policy built without a value head (learner.value_head = none)")
+        if self.critic is None:
+            return self.forward(input_ids, attention_mask).values
+        hidden = self.critic(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        return self._head(hidden)
+
+    def _head(self, hidden: Tensor) -> Tensor:
+        return self.value_head(hidden).squeeze(-1).float()  # (B, L)
 
     def state_dict_for_inference(
         self,

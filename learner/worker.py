@@ -28,6 +28,8 @@ their shares simply add up. Hence 2 ranks x half a batch == 1 rank x the whole b
 """
 from __future__ import annotations
 
+import collections
+import functools
 import logging
 import os
 import socket
@@ -78,8 +80,8 @@ class TokenOutputs(NamedTuple):
 
 class Scores(NamedTuple):
     """What the learner computes of a sampled batch before an update, in one call (``score``)."""
-    logprobs: Tensor  # (B, L) float32 log pi_theta, 0 off the response: PPO's old policy (on-policy)
-    values: Tensor  # (B, L) float32 V(state before each token), 0 off the response
+    logprobs: Optional[Tensor]  # (B, L) float32 log pi_theta, 0 off the response: PPO's old policy; None if not asked
+    values: Optional[Tensor]  # (B, L) float32 V(state before each token), 0 off the response; None without a critic
     ref_logprobs: Optional[Tensor]  # (B, L) float32 log pi_ref, 0 off the response; None without a reference
 
 
@@ -108,16 +110,37 @@ def token_outputs(
     logits = logits[:, :-1]  # (B, L-1, V): row t predicts ...
     targets = input_ids[:, 1:]  # (B, L-1): ... this token
 
-    def onto_tokens(per_position: Tensor) -> Tensor:  # (B, L-1) -> (B, L), column 0 = 0
-        return F.pad(per_position, (1, 0))
-
     logprobs = onto_tokens(logprobs_from_logits(logits, targets, temperature))
     entropy = None
     if with_entropy:
         with torch.no_grad():  # a diagnostic: no entropy bonus in the paper's loss
             entropy = onto_tokens(entropy_from_logits(logits / temperature))
-    token_values = onto_tokens(values[:, :-1].float()) if values is not None else None
+    token_values = values_onto_tokens(values) if values is not None else None
     return TokenOutputs(logprobs=logprobs, values=token_values, entropy=entropy)
+
+
+def onto_tokens(per_position: Tensor) -> Tensor:
+    """(B, L-1) outputs of positions 0..L-2 -> (B, L) about tokens 1..L-1; column 0 = 0."""
+    return F.pad(per_position, (1, 0))
+
+
+def values_onto_tokens(values: Tensor) -> Tensor:
+    """(B, L) per-position values -> (B, L) float32 V(state before token t) (``token_outputs``)."""
+    return onto_tokens(values[:, :-1].float())
+
+
+def busy(method):
+    """Count the seconds a learner method runs inside the actor (``LearnerWorker.stats``): the
+    benchmark compares them with the driver's view of the same calls (Ray's share) and with the
+    compute floor of the same passes."""
+    @functools.wraps(method)
+    def timed(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self.busy_s[method.__name__] += time.perf_counter() - start
+    return timed
 
 
 def node_ip() -> str:
@@ -170,6 +193,7 @@ class LearnerWorker:
         self._export: Optional[dict[str, Tensor]] = None   # this version's weights, exported once
         self._sync: Optional[WeightSync] = None             # rank 0: the samplers' weight publisher
         self.num_exports = 0
+        self.busy_s: collections.Counter = collections.Counter()   # method -> seconds (``busy``)
 
     def get_master_addr_port(self) -> tuple[str, int]:
         return self.master_addr, self.master_port
@@ -178,6 +202,8 @@ class LearnerWorker:
         """Join the process group and build the engine (collective: all ranks at once). Returns the
         seconds it took."""
         start = time.perf_counter()
+        if self.cfg.num_threads:
+            torch.set_num_threads(self.cfg.num_threads)
         seed_everything(self.cfg.seed + self.rank)
         init_distributed(resolve_backend(self.cfg.backend))
         self.engine = Engine(self.cfg)
@@ -189,31 +215,45 @@ class LearnerWorker:
     # ------------------------------------------------------------------ scoring (no grad)
 
     @torch.no_grad()
-    def score(self, batch: dict[str, Tensor], temperature: float, with_reference: bool) -> Scores:
-        """Before an update: log pi(token t) and V(state before token t) of the current policy
-        (one forward per micro-batch) and, with ``with_reference``, log pi_ref (one more), at the
-        sampler's ``temperature``. One call, so the batch crosses to the learner once for both."""
+    @busy
+    def score(self, batch: dict[str, Tensor], temperature: float, with_reference: bool,
+              with_policy: bool = True) -> Scores:
+        """Before an update, at the sampler's ``temperature``, one forward per micro-batch and
+        model: log pi(token t) of the current policy (``with_policy``; PPO's old policy, unless the
+        sampler's log-probs are used instead), V(state before token t) when the learner has a
+        critic, and, with ``with_reference``, log pi_ref. Without ``with_policy`` and with a
+        separate critic only the critic runs. One call, so the batch crosses to the learner once."""
         _check_batch(batch, BATCH_KEYS)
         if with_reference and self.engine.reference is None:
             raise ValueError(f"rank {self.rank}: score(with_reference=True) on a learner built without "
                              "a reference model (learner.with_reference)")
+        module = self.engine.module
+        has_critic = module.value_head is not None
+        # With a shared head the policy's forward gives the values: its log-probs come for free.
+        with_policy = with_policy or (has_critic and module.critic is None)
         self.engine.train(False)
-        logprobs, values = _zeros_like_tokens(batch), _zeros_like_tokens(batch)
+        logprobs = _zeros_like_tokens(batch) if with_policy else None
+        values = _zeros_like_tokens(batch) if has_critic else None
         ref = _zeros_like_tokens(batch) if with_reference else None
         for rows, mb in self._micro_batches(batch, BATCH_KEYS, 0, _num_rows(batch)):
             width = mb["input_ids"].shape[1]
-            out = self.engine.forward(mb["input_ids"], mb["attention_mask"])
-            tok = token_outputs(mb["input_ids"], out.logits, out.values, temperature)
-            logprobs[rows, :width] = tok.logprobs.cpu()
-            values[rows, :width] = tok.values.cpu()
+            if with_policy:
+                out = self.engine.forward(mb["input_ids"], mb["attention_mask"])
+                tok = token_outputs(mb["input_ids"], out.logits, out.values, temperature)
+                logprobs[rows, :width] = tok.logprobs.cpu()
+                if has_critic:
+                    values[rows, :width] = tok.values.cpu()
+            elif has_critic:
+                per_position = module.values(mb["input_ids"], mb["attention_mask"])
+                values[rows, :width] = values_onto_tokens(per_position).cpu()
             if ref is not None:
                 logits = self.engine.reference_logits(mb["input_ids"], mb["attention_mask"])
                 ref[rows, :width] = token_outputs(mb["input_ids"], logits, temperature=temperature).logprobs.cpu()
-        return Scores(_on_response(logprobs, batch), _on_response(values, batch),
-                      None if ref is None else _on_response(ref, batch))
+        return Scores(*(None if t is None else _on_response(t, batch) for t in (logprobs, values, ref)))
 
     # ------------------------------------------------------------------ training
 
+    @busy
     def ppo_update(self, batch: dict[str, Tensor], temperature: float) -> dict[str, float]:
         """``ppo_epochs`` passes over this rank's shard, each cut into ``ppo_mini_batches``
         mini-batches taken in order (one optimizer step each, accumulated over micro-batches).
@@ -248,11 +288,15 @@ class LearnerWorker:
                         tok.logprobs, mb["old_logprobs"], mb["advantages"], mask,
                         clip_eps=cfg.clip_eps, agg_mode=cfg.loss_agg_mode, **global_counts,
                     )
-                    vf = value_loss(
-                        tok.values, mb["old_values"], mb["returns"], mask,
-                        clip_eps=cfg.vf_clip_eps, agg_mode=cfg.loss_agg_mode, **global_counts,
-                    )
-                    pg_loss, vf_loss = pg.loss, vf.loss
+                    if tok.values is not None:
+                        vf = value_loss(
+                            tok.values, mb["old_values"], mb["returns"], mask,
+                            clip_eps=cfg.vf_clip_eps, agg_mode=cfg.loss_agg_mode, **global_counts,
+                        )
+                        vf_loss, vf_clipfrac = vf.loss, vf.metrics["vf_clipfrac"]
+                    else:  # no critic (learner.value_head = none): the policy loss alone
+                        vf_loss = vf_clipfrac = torch.zeros((), device=pg.loss.device)
+                    pg_loss = pg.loss
                     # x world_size: DeepSpeed averages gradients over ranks (module docstring).
                     self.engine.backward(ppo_total_loss(pg_loss, vf_loss, cfg.vf_coef) * self.world_size)
                     with torch.no_grad():
@@ -262,7 +306,7 @@ class LearnerWorker:
                             vf_loss.detach(),
                             pg.metrics["approx_kl"] * weight,
                             pg.metrics["clipfrac"] * weight,
-                            vf.metrics["vf_clipfrac"] * weight,
+                            vf_clipfrac * weight,
                             masked_sum(tok.entropy, mask) / n_tokens,
                         ]).double()  # stays on the device: no sync per micro-batch
                 steps.append(self.engine.step())
@@ -276,6 +320,7 @@ class LearnerWorker:
         self._changed()
         return metrics
 
+    @busy
     def sft_step(self, batch: dict[str, Tensor]) -> dict[str, float]:
         """One optimizer step of supervised fine-tuning on this rank's shard: cross-entropy on the
         response tokens only (the same as HF's loss with labels = -100 off ``response_mask``),
@@ -314,6 +359,7 @@ class LearnerWorker:
 
     # ------------------------------------------------------------------ state
 
+    @busy
     def save_checkpoint(self, ckpt_dir: str, client_state: dict) -> None:
         """Model, optimizer, LR schedule, RNG states and ``client_state`` (e.g. step, data position);
         collective."""
@@ -345,6 +391,7 @@ class LearnerWorker:
             self.close_weight_sync()
             self._sync = make_weight_sync(rollout_cfg)
 
+    @busy
     def publish_weights(self, version: int) -> Optional[WeightHandle]:
         """Export (collective) and, on rank 0, publish the weights as ``version``: checks, checksums,
         the probe's expectation (HF on these very tensors), then the transport's write / put /
@@ -359,6 +406,7 @@ class LearnerWorker:
         model = self.engine.module.lm if self.cfg.zero_stage < 3 else None
         return self._sync.publish(weights, version, model=model)
 
+    @busy
     def save_policy(self, out_dir: str) -> Optional[str]:
         """The policy as an HF model directory (``reft eval`` loads it) from this version's export
         (collective; rank 0 writes)."""
@@ -388,8 +436,10 @@ class LearnerWorker:
             self._sync = None
 
     def stats(self) -> dict:
-        """Counters for tests and benchmarks: how often the weights were exported."""
-        return {"exports": self.num_exports}
+        """Counters for tests and benchmarks: how often the weights were exported, the seconds
+        each method ran here (``busy``), the torch threads and the process id."""
+        return {"exports": self.num_exports, "busy_s": dict(self.busy_s), "threads": torch.get_num_threads(),
+                "pid": os.getpid()}
 
     def _changed(self) -> None:
         """The weights changed (an optimizer step, a restore): the next export is a new one."""

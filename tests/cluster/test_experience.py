@@ -48,10 +48,12 @@ def test_kl_penalty_enters_the_reward():
     batch = samples_to_batch([sample([5], [8, 2], [-1.0, -1.2])], pad_id=0)
     logprobs = torch.tensor([[0.0, -1.0, -1.0]])
     ref = torch.tensor([[0.0, -1.5, -1.5]])
-    _, metrics = add_advantages(experience(batch, [0.1], logprobs, torch.zeros(1, 3), ref), "gae", kl_coef=0.1,
-                                adv_cfg=AdvantageConfig())
+    exp = experience(batch, [0.1], logprobs, torch.zeros(1, 3), ref)
+    _, metrics = add_advantages(exp, "gae", kl_coef=0.1, adv_cfg=AdvantageConfig())
     assert metrics["rl/kl"] == pytest.approx(0.5)
     assert metrics["rl/shaped_return"] == pytest.approx(0.0, abs=1e-7)
+    assert "rl/sampler_logprob_gap" not in metrics   # no learner log-probs to compare with
+    _, metrics = add_advantages(dict(exp, learner_logprobs=logprobs), "gae", kl_coef=0.1, adv_cfg=AdvantageConfig())
     assert metrics["rl/sampler_logprob_gap"] == pytest.approx((0.0 + 0.2) / 2)
 
 

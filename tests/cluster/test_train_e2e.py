@@ -52,7 +52,10 @@ def test_reft_loop_end_to_end(smoke_run):
     assert mean(last, "rl/train_accuracy") > mean(first, "rl/train_accuracy")
     # every step synced the samplers: fp32 sampler and learner agree on the sampled tokens' logprobs
     assert all(r["rl/staleness"] == 0 for r in steps)
-    assert max(r["rl/sampler_logprob_gap"] for r in steps) < 1e-3
+    # (smoke.yaml: the learner recomputes them on every other step, and takes the sampler's on the rest)
+    checked = [r for r in steps if "rl/sampler_logprob_gap" in r]
+    assert len(checked) == len(steps) // 2
+    assert max(r["rl/sampler_logprob_gap"] for r in checked) < 1e-3
     # Learner rank 0 published every version itself: what crossed the driver per sync was a handle
     # of a few KiB (the tiny model's weights are MBs), and each checkpoint reused the sync's export.
     assert 0 < max(r["rollout/handle_bytes"] for r in steps) < 64 * 1024
@@ -144,7 +147,8 @@ def test_killed_rollout_actor_is_replaced_and_resynced(smoke_run, tmp_path):
     # sampled tokens are the learner's (a replacement on the warm-up weights would be far off).
     after = [r for r in steps if r["rollout/actor_restarts"] >= 1]
     assert after and all(r["rl/staleness"] == 0 for r in steps)
-    assert max(r["rl/sampler_logprob_gap"] for r in after) < 1e-3
+    checked = [r for r in after if "rl/sampler_logprob_gap" in r]
+    assert checked and max(r["rl/sampler_logprob_gap"] for r in checked) < 1e-3
 
 
 @pytest.mark.slow
@@ -160,7 +164,8 @@ def test_max_staleness_1_overlaps_generation_with_training(smoke_run, tmp_path):
     # Step 1 is sampled by the warm-up weights it trains; every later batch is one version behind.
     assert [r["rl/staleness"] for r in steps] == [0.0] + [1.0] * 15
     # The ratio's old policy is the sampler's: the learner's log-probs differ by one update.
-    assert min(r["rl/sampler_logprob_gap"] for r in steps[1:]) > 1e-5
+    checked = [r for r in steps[1:] if "rl/sampler_logprob_gap" in r]
+    assert checked and min(r["rl/sampler_logprob_gap"] for r in checked) > 1e-5
     mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)   # noqa: E731
     assert mean(steps[8:], "rl/reward_mean") > mean(steps[:2], "rl/reward_mean")
     assert headline["reft_acc"] >= 0

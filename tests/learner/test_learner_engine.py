@@ -241,11 +241,39 @@ def test_separate_critic_with_checkpointing_under_zero3(worker, model_dir):
     metrics = critic_worker.ppo_update(dict(batch, old_logprobs=scores.logprobs, old_values=scores.values,
                                             advantages=mask, returns=mask), 1.0)
     assert metrics["vf_loss"] == pytest.approx(0.5, abs=1e-6)  # 1/2 (0 - 1)^2: the head starts at 0
-    assert critic_worker.score(batch, 1.0, with_reference=False).values.abs().max() > 0  # the critic learnt something
+    after = critic_worker.score(batch, 1.0, with_reference=False)
+    assert after.values.abs().max() > 0  # the critic learnt something
+    # The values alone (PPO's old log-probs from the sampler): only the critic runs, same values.
+    values_only = critic_worker.score(batch, 1.0, with_reference=False, with_policy=False)
+    assert values_only.logprobs is None
+    torch.testing.assert_close(values_only.values, after.values, atol=1e-6, rtol=0)
     exported = critic_worker.export_weights()  # the policy only: no critic, no value head
     assert list(exported) == list(load_causal_lm(model_dir, "fp32").state_dict())
     with pytest.raises(ValueError, match="without a reference model"):
         critic_worker.score(batch, 1.0, with_reference=True)
+
+
+def test_without_a_critic_nothing_computes_values(worker, model_dir):
+    """learner.value_head = none (SFT stages, GRPO/RLOO): no head, no values, the policy loss
+    alone; the policy's scoring equals the shared-head learner's on the same weights."""
+    cfg = LearnerConfig(model=model_dir, value_head="none", with_reference=False, lr=1e-3, micro_batch_size=2,
+                        ppo_epochs=1)
+    policy_only = LearnerWorker(0, 1, worker.master_addr, worker.master_port, cfg)
+    policy_only.setup()
+    assert policy_only.engine.module.value_head is None
+    batch = make_batch(seed=7)
+    scores = policy_only.score(batch, 1.0, with_reference=False)
+    assert scores.values is None
+    expected = token_outputs(batch["input_ids"], load_causal_lm(model_dir, "fp32")(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits).logprobs
+    torch.testing.assert_close(scores.logprobs, expected * batch["response_mask"], atol=1e-5, rtol=0)
+    mask = batch["response_mask"].float()
+    metrics = policy_only.ppo_update(dict(batch, old_logprobs=scores.logprobs, old_values=mask * 0,
+                                          advantages=mask, returns=mask), 1.0)
+    assert metrics["vf_loss"] == 0.0 and metrics["vf_clipfrac"] == 0.0
+    assert metrics["grad_norm"] > 0   # the policy loss moved the policy
+    with pytest.raises(RuntimeError, match="without a value head"):
+        policy_only.engine.module.values(batch["input_ids"], batch["attention_mask"])
 
 
 def test_publish_exports_once_per_version_and_hands_out_a_small_handle(worker, model_dir, tmp_path):

@@ -1,0 +1,469 @@
+"""Benchmark the training loop of a config: where an RL step's and an SFT step's time goes, and
+how far each is from the compute floor of the same passes.
+
+    python -m experiments.bench.loop [--config experiments/configs/tiny.yaml] [--warmup DIR]
+                                     [--steps 12] [--skip 2] [--sft-steps 20] [KEY=VALUE ...]
+    python -m experiments.bench.loop --compare "" "rl.algorithm=grpo rl.samples_per_question=8 \\
+                                     rl.questions_per_step=4 learner.ppo_epochs=1" [--repeats 2]
+
+One run: Ray starts, the RL stage's actors start from the warm-up checkpoint (``--warmup``, by
+default ``runs/<name>/sft/epoch-<sft.epochs>`` of the config: run ``reft sft`` first), ``--skip``
+RL steps warm the engines up, ``--steps`` RL steps are measured, the actors stop; then
+``--sft-steps`` SFT steps on the learner (after 2 unmeasured ones); then, in this process with
+the same torch threads the learner had, the compute floors:
+
+- learner floor: the passes the algorithm needs on the last measured step's batch, in a plain
+  torch loop (same model, micro-batches and AdamW, no DeepSpeed, no Ray): a forward of the value
+  model for the values, one of the reference when ``kl_coef > 0``, one of the policy only when
+  the batch's old log-probs are not the sampler's, then ``ppo_epochs x ppo_mini_batches``
+  forward + backward + AdamW steps;
+- SFT floor: forward + backward + AdamW of the policy alone on the same SFT batch;
+- rollout floor: HF ``generate`` of the same prompts (n samples, temperature, max new tokens).
+
+It prints samples/s, tokens/s (prompt and completion), each phase's share of the step's wall
+time (rollout incl. the scoring tail, each learner pass as timed inside the learner, the
+learner calls' Ray/transfer overhead, sync, the driver's own work), learner busy %, the floors
+and the ratios, per-component start-up seconds and each process's peak RSS. ``--compare`` runs
+each given override string as a fresh subprocess, back to back, ``--repeats`` times in turn
+(A B A B), and prints one table. Figures, not a test; the README's throughput table comes
+from it.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DEFAULT_CONFIG = "experiments/configs/tiny.yaml"
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+def peak_rss_mib(pid: int, children: bool = True) -> float:
+    """VmHWM of ``pid`` plus, with ``children``, its descendants' (vLLM's engine core, sandbox
+    workers), in MiB."""
+    import psutil
+    total = 0.0
+    try:
+        procs = [psutil.Process(pid)] + (psutil.Process(pid).children(recursive=True) if children else [])
+    except psutil.NoSuchProcess:
+        return float("nan")
+    for proc in procs:
+        try:
+            with open(f"/proc/{proc.pid}/status") as f:
+                hwm = next(line for line in f if line.startswith("VmHWM:"))
+            total += int(hwm.split()[1]) / 1024
+        except (OSError, StopIteration):
+            pass
+    return round(total, 1)
+
+
+def cpu_s(pid: int, children: bool = True) -> float:
+    """CPU seconds (user + system) used so far by ``pid`` and, with ``children``, its live descendants."""
+    import psutil
+    try:
+        root = psutil.Process(pid)
+        procs = [root] + (root.children(recursive=True) if children else [])
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = 0.0
+    for proc in procs:
+        try:
+            t = proc.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def machine_busy_s() -> float:
+    """CPU seconds every process on the machine has used since boot (all cores)."""
+    import psutil
+    t = psutil.cpu_times()
+    return t.user + t.nice + t.system + getattr(t, "irq", 0) + getattr(t, "softirq", 0)
+
+
+def actor_pids() -> dict[str, int]:
+    """"<Class>-<pid>" -> pid of the live Ray actors of the local cluster this driver started:
+    Ray titles an actor's process ``ray::<Class>`` or ``ray::<Class>.<method>``."""
+    import psutil
+    pids = {}
+    for proc in psutil.Process().children(recursive=True):   # this driver's Ray cluster only
+        try:
+            title = (proc.cmdline() or [""])[0]
+        except psutil.NoSuchProcess:
+            continue
+        name = title[5:].split(".")[0].split(" ")[0] if title.startswith("ray::") else ""
+        if name[:1].isupper() and name != "IDLE":
+            pids[f"{name}-{proc.pid}"] = proc.pid
+    return pids
+
+
+# ----------------------------------------------------------------------------- one run
+
+
+class Recorder:
+    """Wraps a recipe's ``Learn``: keeps the last step's samples (for the floors and token counts)."""
+
+    def __init__(self, learn):
+        self.learn, self.samples = learn, []
+        self.with_reference, self.with_critic = learn.with_reference, learn.with_critic
+
+    def __call__(self, trainer, indices, samples, scores):
+        self.samples = list(samples)
+        return self.learn(trainer, indices, samples, scores)
+
+
+def run_once(args) -> dict:
+    import ray
+
+    from cluster.config import RunConfig
+    from cluster.config_io import load_config
+    from cluster.recipes import check_config
+    from cluster.rl import RLTrainer
+    from cluster.runtime import init_ray, load_splits
+    from learner.worker import LearnerWorker
+
+    overrides = ["rl.compare_sft=false", "rl.eval_every=100000", "rl.checkpoint_every=100000",
+                 "cluster.dashboard=false", *args.overrides]
+    cfg = load_config(RunConfig, args.config, overrides)
+    recipe = check_config(cfg)
+    warmup = args.warmup or str(Path(cfg.out_dir) / cfg.name / "sft" / f"epoch-{cfg.sft.epochs}")
+    if not (Path(warmup) / "config.json").is_file():
+        raise SystemExit(f"--warmup {warmup}: no HF checkpoint there; run `reft sft --config {args.config}` "
+                         "first or pass --warmup DIR")
+    cfg = dataclasses.replace(cfg, learner=dataclasses.replace(cfg.learner, model=warmup))
+    train, test = load_splits(cfg)
+    out: dict = {"overrides": " ".join(args.overrides), "startup_s": {}}
+
+    t = time.perf_counter()
+    init_ray(cfg)
+    out["startup_s"]["ray"] = time.perf_counter() - t
+    run_dir = Path(tempfile.mkdtemp(prefix="reft-bench-"))
+    recorder = {}
+
+    def learn(trainer):
+        recorder["learn"] = Recorder(recipe.make_learn(recipe, cfg, trainer))
+        return recorder["learn"]
+
+    trainer = RLTrainer(cfg, warmup, run_dir, train, test, learn)
+    out["startup_s"].update(trainer.startup_s)
+    steps = []
+    try:
+        for i in range(args.skip + args.steps):
+            if i == args.skip:
+                before = trainer.learners.run(LearnerWorker.stats)[0]["busy_s"]
+                pids = actor_pids()
+                cpu_before = {name: cpu_s(pid) for name, pid in pids.items()}
+                ours_before, machine_before = cpu_s(os.getpid()), machine_busy_s()
+                t0 = time.perf_counter()
+            t = time.perf_counter()
+            metrics = trainer.step()
+            metrics["wall_s"] = time.perf_counter() - t
+            samples = recorder["learn"].samples
+            metrics["prompt_tokens"] = sum(len(s.prompt_token_ids) for s in samples)
+            metrics["completion_tokens"] = sum(len(s.completion_token_ids) for s in samples)
+            metrics["samples"] = len(samples)
+            if i >= args.skip:
+                steps.append(metrics)
+        wall = time.perf_counter() - t0
+        # CPU use over the measured steps: each actor's process tree (a busy-waiting idle engine
+        # shows here), and the machine's besides this run's (another job skews every figure).
+        out["cpu_pct"] = {name: round(100.0 * (cpu_s(pid) - cpu_before[name]) / wall)
+                          for name, pid in pids.items() if name in cpu_before}
+        ours = cpu_s(os.getpid()) - ours_before
+        out["foreign_cpu_pct"] = round(100.0 * max(0.0, machine_busy_s() - machine_before - ours) / wall)
+        stats = trainer.learners.run(LearnerWorker.stats)[0]
+        busy = {k: v - before.get(k, 0.0) for k, v in stats["busy_s"].items()}
+        out["learner_threads"] = stats["threads"]
+        out["peak_rss_mib"] = {"driver": peak_rss_mib(os.getpid(), children=False),
+                               **{name: peak_rss_mib(pid) for name, pid in sorted(pids.items())}}
+        last_samples = recorder["learn"].samples
+    finally:
+        trainer.close()
+    out["rl"] = rl_figures(steps, busy, wall)
+
+    out["sft"] = sft_steps(cfg, train, args.sft_steps)
+    ray.shutdown()
+
+    threads = out["learner_threads"]
+    out["floor"] = floors(cfg, recipe, warmup, last_samples, trainer.pad_id, train, threads, args.floor_repeats)
+    rl, sft, floor = out["rl"], out["sft"], out["floor"]
+    out["ratios"] = {
+        "learner_busy_vs_floor": rl["learner_busy_s"] / floor["learner_s"],
+        "learner_call_vs_floor": rl["learner_s"] / floor["learner_s"],
+        "sft_step_vs_floor": sft["step_s"] / floor["sft_step_s"],
+        "rollout_vs_hf_generate": rl["rollout_s"] / floor["hf_generate_s"],
+    }
+    return out
+
+
+def rl_figures(steps: list[dict], busy: dict, wall: float) -> dict:
+    n = len(steps)
+    med = lambda key: statistics.median(s[key] for s in steps)  # noqa: E731
+    total = lambda key: sum(s[key] for s in steps)  # noqa: E731
+    learner_busy = (busy.get("score", 0.0) + busy.get("ppo_update", 0.0) + busy.get("sft_step", 0.0)) / n
+    shares = {
+        "rollout+scoring": total("timing/rollout_s"),
+        "learner score (inside)": busy.get("score", 0.0),
+        "learner update (inside)": busy.get("ppo_update", 0.0) + busy.get("sft_step", 0.0),
+        "learner calls: Ray + driver maths": total("timing/learner_s") - busy.get("score", 0.0)
+                                             - busy.get("ppo_update", 0.0) - busy.get("sft_step", 0.0),
+        "sync (publish inside)": busy.get("publish_weights", 0.0),
+        "sync: Ray + samplers' load": total("timing/sync_s") - busy.get("publish_weights", 0.0),
+    }
+    shares["driver (rest of the step)"] = wall - sum(shares.values())
+    return {
+        "steps": n, "wall_s": wall, "step_s": wall / n,
+        "samples_per_s": total("samples") / wall,
+        "prompt_tokens_per_s": total("prompt_tokens") / wall,
+        "completion_tokens_per_s": total("completion_tokens") / wall,
+        "rollout_s": med("timing/rollout_s"), "learner_s": med("timing/learner_s"), "sync_s": med("timing/sync_s"),
+        "learner_busy_s": learner_busy, "learner_busy_pct": 100.0 * learner_busy * n / wall,
+        "share_pct": {k: round(100.0 * v / wall, 1) for k, v in shares.items()},
+        "reward_mean": statistics.mean(s["rl/reward_mean"] for s in steps),
+        "kl": statistics.mean(s.get("rl/kl", 0.0) for s in steps),
+    }
+
+
+def sft_batches(cfg, train, model_dir: str, count: int):
+    from formats.hf import load_tokenizer
+    from learner.data import collate, tokenize_sft
+    tokenizer = load_tokenizer(model_dir)
+    size = cfg.sft.batch_size
+    return [collate([tokenize_sft(tokenizer, e) for e in train[i * size:(i + 1) * size]], tokenizer.pad_token_id)
+            for i in range(count)]
+
+
+def sft_steps(cfg, train, count: int) -> dict:
+    """``count`` SFT steps on the learner group as ``cluster.sft.train_sft`` runs them (after 2
+    unmeasured ones), from the warm-up checkpoint."""
+    from cluster.placement import place
+    from cluster.sft import sft_learner_config, start_learners
+    from learner.worker import LearnerWorker
+
+    batches = sft_batches(cfg, train, cfg.learner.model, count + 2)
+    placement = place(cfg)
+    t = time.perf_counter()
+    group = start_learners(cfg, sft_learner_config(cfg, total_steps=count + 2), placement)
+    startup = time.perf_counter() - t
+    try:
+        for batch in batches[:2]:
+            group.run_sharded(LearnerWorker.sft_step, batch)
+        before = group.run(LearnerWorker.stats)[0]["busy_s"].get("sft_step", 0.0)
+        t = time.perf_counter()
+        for batch in batches[2:]:
+            group.run_sharded(LearnerWorker.sft_step, batch)
+        wall = time.perf_counter() - t
+        busy = group.run(LearnerWorker.stats)[0]["busy_s"]["sft_step"] - before
+    finally:
+        group.kill()
+        placement.remove()
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches[2:])
+    return {"startup_s": startup, "steps": count, "step_s": wall / count, "busy_step_s": busy / count,
+            "tokens_per_s": tokens / wall}
+
+
+# ----------------------------------------------------------------------------- the floors
+
+
+def floors(cfg, recipe, warmup: str, samples, pad_id: int, train, threads: int, repeats: int) -> dict:
+    """The compute floors (module docstring), each the median of ``repeats`` timed runs."""
+    import torch
+
+    from cluster.experience import samples_to_batch
+    torch.set_num_threads(threads)
+    batch = samples_to_batch(samples, pad_id)
+    kl_coef = recipe.kl_coef(cfg)
+    # The scoring passes the algorithm needs: the policy's only where the sampler's log-probs
+    # cannot stand for PPO's old policy (bf16); the critic's only where the estimator reads values.
+    sampler_dtype = cfg.rollout.resolved_dtype(on_gpu=False)
+    policy_forward = cfg.rl.max_staleness == 0 and not (cfg.learner.dtype == "fp32" and sampler_dtype == "float32")
+    value_head = cfg.learner.value_head if recipe.critic else "none"
+    learner = statistics.median(learner_floor(cfg, warmup, batch, kl_coef, policy_forward, value_head)
+                                for _ in range(repeats))
+    sft_batch = sft_batches(cfg, train, warmup, 1)[0]
+    sft = statistics.median(sft_floor(cfg, warmup, sft_batch) for _ in range(repeats))
+    gen = statistics.median(hf_generate_floor(cfg, warmup, samples) for _ in range(repeats))
+    return {"threads": threads, "learner_s": learner, "sft_step_s": sft, "hf_generate_s": gen,
+            "kl_coef": kl_coef, "policy_forward_in_score": policy_forward, "value_head": value_head}
+
+
+def _micro(batch, size):
+    for a in range(0, batch["input_ids"].shape[0], size):
+        rows = slice(a, a + size)
+        width = int(batch["attention_mask"][rows].sum(dim=1).max())
+        yield {k: v[rows, :width] for k, v in batch.items() if v.dim() == 2}
+
+
+def learner_floor(cfg, warmup: str, batch, kl_coef: float, policy_forward: bool, value_head: str) -> float:
+    import torch
+
+    from learner.algos import get_policy_loss, get_value_loss
+    from learner.model import PolicyWithValue, load_reference
+    from learner.worker import token_outputs
+
+    lc = cfg.learner
+    model = PolicyWithValue.from_pretrained(warmup, value_head, lc.dtype)
+    reference = load_reference(warmup, lc.dtype) if kl_coef > 0 else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lc.lr)
+    policy_loss, value_loss = get_policy_loss(lc.policy_loss), get_value_loss(lc.value_loss)
+    mask = batch["response_mask"]
+    n_tokens = float(mask.sum())
+    start = time.perf_counter()
+    with torch.no_grad():                                   # the scoring passes
+        for mb in _micro(batch, lc.micro_batch_size):
+            if policy_forward or (model.value_head is not None and model.critic is None):
+                model(mb["input_ids"], mb["attention_mask"])
+            elif model.value_head is not None:
+                model.values(mb["input_ids"], mb["attention_mask"])
+            if reference is not None:
+                reference(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"], use_cache=False)
+    ppo = dict(batch, old_logprobs=batch["sampler_logprobs"], old_values=torch.zeros_like(batch["sampler_logprobs"]),
+               advantages=torch.randn(mask.shape) * mask, returns=torch.randn(mask.shape) * mask)
+    rows = batch["input_ids"].shape[0] // lc.ppo_mini_batches
+    for _ in range(lc.ppo_epochs):
+        for k in range(lc.ppo_mini_batches):
+            part = {key: v[k * rows:(k + 1) * rows] for key, v in ppo.items() if v.dim() == 2}
+            for mb in _micro(part, lc.micro_batch_size):
+                out = model(mb["input_ids"], mb["attention_mask"])
+                tok = token_outputs(mb["input_ids"], out.logits, out.values, cfg.rl.temperature, with_entropy=True)
+                counts = {"num_tokens_global": n_tokens, "num_seqs_global": float(rows)}
+                pg = policy_loss(tok.logprobs, mb["old_logprobs"], mb["advantages"], mb["response_mask"],
+                                 clip_eps=lc.clip_eps, agg_mode=lc.loss_agg_mode, **counts)
+                loss = pg.loss
+                if tok.values is not None:
+                    loss = loss + lc.vf_coef * value_loss(tok.values, mb["old_values"], mb["returns"],
+                                                          mb["response_mask"], clip_eps=lc.vf_clip_eps,
+                                                          agg_mode=lc.loss_agg_mode, **counts).loss
+                loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), lc.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def sft_floor(cfg, warmup: str, batch) -> float:
+    import torch
+
+    from formats.hf import load_causal_lm
+    from learner.masked import masked_sum
+    from learner.worker import token_outputs
+
+    model = load_causal_lm(warmup, cfg.learner.dtype)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft.lr)
+    n_tokens = float(batch["response_mask"].sum())
+    start = time.perf_counter()
+    for mb in _micro(batch, cfg.learner.micro_batch_size):
+        logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"], use_cache=False).logits
+        loss = -masked_sum(token_outputs(mb["input_ids"], logits).logprobs, mb["response_mask"]) / n_tokens
+        loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.learner.grad_clip)
+    optimizer.step()
+    return time.perf_counter() - start
+
+
+def hf_generate_floor(cfg, warmup: str, samples) -> float:
+    """HF ``generate`` of the step's prompts, left-padded, all at once, ``n`` samples each."""
+    import torch
+
+    from formats.hf import load_causal_lm, load_tokenizer
+    tokenizer, model = load_tokenizer(warmup), load_causal_lm(warmup, cfg.learner.dtype)
+    prompts = list(dict.fromkeys(s.prompt_token_ids for s in samples))
+    width = max(len(p) for p in prompts)
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts])
+    attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    start = time.perf_counter()
+    with torch.no_grad():
+        model.generate(input_ids=ids, attention_mask=attention, do_sample=True, temperature=cfg.rl.temperature,
+                       top_p=1.0, top_k=0, max_new_tokens=cfg.rl.max_new_tokens,
+                       num_return_sequences=cfg.rl.samples_per_question, pad_token_id=pad,
+                       eos_token_id=tokenizer.eos_token_id)
+    return time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def describe(r: dict) -> str:
+    rl, sft, fl, ra = r["rl"], r["sft"], r["floor"], r["ratios"]
+    lines = [
+        f"== {r['overrides'] or '(config as is)'}",
+        f"RL   {rl['samples_per_s']:.1f} samples/s, {rl['step_s']:.2f} s/step over {rl['steps']} steps; tokens/s "
+        f"prompt {rl['prompt_tokens_per_s']:.0f}, completion {rl['completion_tokens_per_s']:.0f}; reward "
+        f"{rl['reward_mean']:.3f}",
+        f"     per step (median): rollout {rl['rollout_s']:.3f} s, learner {rl['learner_s']:.3f} s (busy inside "
+        f"{rl['learner_busy_s']:.3f} s, {rl['learner_busy_pct']:.0f}% of wall), sync {rl['sync_s']:.3f} s",
+        "     share of wall: " + ", ".join(f"{k} {v}%" for k, v in rl["share_pct"].items()),
+        f"SFT  {sft['step_s']:.3f} s/step (busy inside {sft['busy_step_s']:.3f} s), {sft['tokens_per_s']:.0f} tokens/s",
+        f"floor ({fl['threads']} threads): learner {fl['learner_s']:.3f} s, SFT step {fl['sft_step_s']:.3f} s, "
+        f"HF generate {fl['hf_generate_s']:.3f} s",
+        f"ratios: learner call {ra['learner_call_vs_floor']:.2f}x floor (busy {ra['learner_busy_vs_floor']:.2f}x), "
+        f"SFT {ra['sft_step_vs_floor']:.2f}x, rollout {ra['rollout_vs_hf_generate']:.2f}x HF generate",
+        "start-up s: " + ", ".join(f"{k} {v:.1f}" for k, v in r["startup_s"].items())
+        + f"; SFT learner {sft['startup_s']:.1f}",
+        "peak RSS MiB: " + ", ".join(f"{k} {v:.0f}" for k, v in r["peak_rss_mib"].items()),
+        "CPU % over the RL steps (100 = one core): " + ", ".join(f"{k} {v}" for k, v in r["cpu_pct"].items())
+        + f"; other processes on the machine {r['foreign_cpu_pct']} (should be ~0)",
+    ]
+    return "\n".join(lines)
+
+
+def compare(args) -> list[dict]:
+    """Each override string in a fresh subprocess, back to back, ``repeats`` rounds."""
+    results = []
+    for round_ in range(args.repeats):
+        for spec in args.compare:
+            with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+                path = f.name
+            cmd = [sys.executable, "-m", "experiments.bench.loop", "--config", args.config, "--steps", str(args.steps),
+                   "--skip", str(args.skip), "--sft-steps", str(args.sft_steps), "--json-out", path,
+                   *(["--warmup", args.warmup] if args.warmup else []), *shlex.split(spec)]
+            print(f"-- round {round_ + 1}: {spec or '(config as is)'}", flush=True)
+            subprocess.run(cmd, check=True)
+            results.append(json.loads(Path(path).read_text()))
+            os.unlink(path)
+    print("\n| run | samples/s | rollout s | learner s | sync s | learner/floor | SFT step s | SFT/floor | "
+          "rollout/HF |\n|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        rl, sft, ra = r["rl"], r["sft"], r["ratios"]
+        print(f"| {r['overrides'] or 'config'} | {rl['samples_per_s']:.1f} | {rl['rollout_s']:.3f} | "
+              f"{rl['learner_s']:.3f} | {rl['sync_s']:.3f} | {ra['learner_call_vs_floor']:.2f} | {sft['step_s']:.3f} | "
+              f"{ra['sft_step_vs_floor']:.2f} | {ra['rollout_vs_hf_generate']:.2f} |")
+    return results
+
+
+def main(argv=None) -> dict | list:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default=DEFAULT_CONFIG)
+    parser.add_argument("--warmup", default=None, help="the SFT checkpoint RL starts from")
+    parser.add_argument("--steps", type=int, default=12, help="RL steps measured")
+    parser.add_argument("--skip", type=int, default=2, help="RL steps run first, not measured")
+    parser.add_argument("--sft-steps", type=int, default=20)
+    parser.add_argument("--floor-repeats", type=int, default=3)
+    parser.add_argument("--compare", nargs="+", metavar="OVERRIDES", help="override strings to run back to back")
+    parser.add_argument("--repeats", type=int, default=2, help="rounds of --compare")
+    parser.add_argument("--json-out", default=None)
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides, KEY=VALUE")
+    args = parser.parse_args(argv)
+    if args.compare:
+        return compare(args)
+    result = run_once(args)
+    print(describe(result), flush=True)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
