@@ -317,6 +317,190 @@ def test_secret_environment_is_invisible(monkeypatch):
     assert "clean os.environ" in result.answer    # it could look, and found nothing
 
 
+# ------------------------------------------------------------------------------ second red team
+def needs(pool: ProgramSandbox, layer: str) -> None:
+    """Skip, saying why, when this machine lacks a layer a test is about."""
+    caps = pool.capabilities
+    available = {"landlock": caps["landlock_abi"] > 0, "seccomp": caps["seccomp"],
+                 "private_scratch": caps["private_scratch"], "nobody": caps["drops_privileges"]}
+    if not available[layer]:
+        pytest.skip(f"this machine has no {layer} layer: {caps['problems']}")
+
+
+def test_no_ctypes_reachable_from_the_program(sandbox):
+    """The worker's ctypes wrappers, the ctypes modules and a new import are all out of reach."""
+    result = sandbox.run(solution("""
+        import sys
+        def is_ctypes(value):
+            return type(value).__module__.partition(".")[0] in ("ctypes", "_ctypes") or (
+                isinstance(value, type(sys)) and value.__name__.partition(".")[0] in ("ctypes", "_ctypes"))
+        worker = sys.modules["__main__"]
+        found = [name for name in sys.modules if name.partition(".")[0] in ("ctypes", "_ctypes")]
+        found += [name for name, value in vars(worker).items() if is_ctypes(value)]
+        if worker.KERNEL is not None:
+            found.append("KERNEL")
+        for name in ("ctypes", "_ctypes", "ctypes.util"):
+            try:
+                __import__(name)
+                found.append("import " + name)
+            except BaseException as exc:
+                if "blocked: import" not in str(exc):
+                    found.append(f"import {name}: {exc!r}")
+        return "none" if not found else ", ".join(found)"""))
+    assert (result.status, result.answer) == ("ok", "none"), result
+
+
+def test_program_reads_only_what_python_needs(sandbox, host, data_dir_or_none):
+    """No training data (which would let a program look its question up and return the gold), no
+    other process's /proc (command lines with --gold), no run directories or Ray session files
+    (a world-readable directory in /tmp stands for them), not even a listing of /tmp."""
+    needs(sandbox, "landlock")
+    targets = [str(host.canary), f"/proc/{os.getpid()}/cmdline", f"/proc/{os.getpid()}/environ",
+               "/proc/1/status", tempfile.gettempdir(), str(Path(__file__).resolve())]
+    if data_dir_or_none is not None:
+        targets += [str(next(data_dir_or_none.rglob("*.json")))]
+    result = sandbox.run(solution(f"""
+        import os
+        readable = []
+        for path in {targets!r}:
+            try:
+                os.listdir(path) if os.path.isdir(path) else open(path, "rb").read(1)
+                readable.append(path)
+            except OSError:
+                pass
+        return "none" if not readable else ", ".join(readable)"""))
+    assert (result.status, result.answer) == ("ok", "none"), result
+    # The interpreter's own modules stay importable where `nobody` may read them at all.
+    if readable_by_others(os.__file__):
+        result = sandbox.run(solution("import textwrap, json\nreturn json.dumps(textwrap.wrap('a b'))"))
+        assert (result.status, result.answer) == ("ok", '["a b"]'), result
+
+
+@pytest.fixture
+def data_dir_or_none():
+    from tests.conftest import DATA_DIR
+    return DATA_DIR if (DATA_DIR / "reft" / "data").is_dir() else None
+
+
+def wait_for(condition, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_close_and_timeouts_leave_no_process_of_the_sandbox_uid():
+    """Programs in flight when the pool closes, and programs over their time, are gone afterwards:
+    no process of the sandbox uid is left (seccomp refuses prctl, so none can clear its
+    parent-death signal, and close() kills each worker's whole session)."""
+    pool = ProgramSandbox(num_workers=2, limits=SandboxLimits(timeout_s=30))
+    needs(pool, "nobody")
+    before = nobody_pids()
+    sleeper = solution("""
+        import time
+        try:
+            import ctypes                          # would clear its parent-death signal
+            ctypes.CDLL(None).prctl(1, 0, 0, 0, 0)
+        except BaseException:
+            pass
+        time.sleep(10**6)""")
+    results = []
+    runner = threading.Thread(target=lambda: results.extend(pool.run_many([sleeper, sleeper])))
+    runner.start()
+    try:
+        assert wait_for(lambda: len(nobody_pids() - before) == 2), "the programs did not start"
+    finally:
+        pool.close()
+    runner.join(10)
+    assert [r.status for r in results] == ["killed", "killed"], results
+    assert wait_for(lambda: not nobody_pids() - before), f"left alive: {nobody_pids() - before}"
+    with ProgramSandbox(num_workers=1, limits=SandboxLimits(timeout_s=0.5)) as short:
+        assert short.run(sleeper).status == "timeout"
+        assert not nobody_pids() - before
+    assert not nobody_pids() - before
+
+
+def filesystem_free_bytes(path: str) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def test_writes_are_capped_and_nothing_is_left_on_disk():
+    """fallocate is refused, the private tmpfs fills up at its size, a deep directory chain
+    costs nothing to clean up, and afterwards the host has its free space and an empty root."""
+    limits = SandboxLimits(timeout_s=5, scratch_mb=4)
+    with ProgramSandbox(num_workers=1, limits=limits) as pool:
+        needs(pool, "private_scratch")
+        free_before = filesystem_free_bytes(pool._tmp_root)
+        fallocate = pool.run(solution("""
+            import os
+            f = open("big", "wb")
+            os.posix_fallocate(f.fileno(), 0, 1 << 32)
+            return os.stat("big").st_blocks"""))
+        assert fallocate.status == "error" and "Operation not permitted" in fallocate.detail, fallocate
+        fill = pool.run(solution("""
+            n = 0
+            try:
+                while True:
+                    with open(f"f{n}", "wb") as f:
+                        f.write(b"x" * 60000)
+                    n += 1
+            except OSError as exc:
+                return f"{n * 60000 // 2**20} MiB: {exc.strerror}" """))
+        assert fill.status == "ok" and fill.answer.endswith("No space left on device"), fill
+        assert int(fill.answer.split()[0]) <= limits.scratch_mb, fill
+        deep = pool.run(solution("""
+            import os
+            path = "d"
+            for depth in range(1100):
+                os.mkdir(path)
+                path += "/d"
+            return depth + 1"""))
+        assert (deep.status, deep.answer) == ("ok", "1100"), deep
+        assert os.listdir(pool._tmp_root) == []
+        assert filesystem_free_bytes(pool._tmp_root) > free_before - (16 << 20)
+        assert_scores_good_program(pool)
+
+
+def deep_chain(root: Path, depth: int, link_to: Path) -> None:
+    """`depth` nested directories beneath `root`, each with a file and a symlink to `link_to`;
+    the deepest one unreadable."""
+    root.mkdir(exist_ok=True)
+    fd = os.open(root, os.O_RDONLY)
+    for _ in range(depth):
+        os.mkdir("d", dir_fd=fd)
+        os.close(os.open("f", os.O_CREAT | os.O_WRONLY, dir_fd=fd))
+        os.symlink(link_to, "out", dir_fd=fd)
+        inner = os.open("d", os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = inner
+    os.fchmod(fd, 0)
+    os.close(fd)
+
+
+def test_remove_tree_is_depth_safe_and_never_raises(tmp_path):
+    worker = load_worker_module()
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "file").write_text("kept")
+    deep_chain(tmp_path / "tree", 1100, keep)
+    os.mkdir(tmp_path / "tree" / "empty")
+    worker.remove_tree(str(tmp_path / "tree"))
+    assert list(tmp_path.iterdir()) == [keep]
+    assert (keep / "file").read_text() == "kept"          # the symlinks were not followed
+    worker.remove_tree(str(tmp_path / "missing"))          # nothing there: no error either
+
+
+def test_close_removes_a_deep_leftover_in_its_root(tmp_path):
+    pool = ProgramSandbox(num_workers=1, limits=SandboxLimits(timeout_s=TIMEOUT_S))
+    root = Path(pool._tmp_root)
+    deep_chain(root / "run-left", 1100, tmp_path)
+    pool.close()
+    assert not root.exists()
+
+
 # ------------------------------------------------------------------------------ the pool
 def test_run_many_mixed_programs_in_order(sandbox):
     programs, expected = [], []
