@@ -1,6 +1,6 @@
 """The ``reft`` command line.
 
-    reft reward --kind ncot|pcot --gold ANSWER [--dataset NAME] < completion.txt
+    reft reward --kind ncot|pcot --gold ANSWER|--gold-fd FD [--dataset NAME] < completion.txt
     reft audit-rewards --dataset NAME|all [--split train|test] [--kind ncot|pcot] [--path FILE]
     reft sft [--config FILE] [key.sub=value ...]
     reft train [--config FILE] [--resume RUN_DIR] [--dry-run] [key.sub=value ...]
@@ -30,15 +30,35 @@ def reward_config(args, **fixed):
     return RewardConfig(**{k: v for k, v in given.items() if v is not None}, **fixed)
 
 
+class GoldInputError(ValueError):
+    """The gold answer could not be read."""
+
+
+def read_gold(args) -> str:
+    """The gold answer: `--gold`, which every process on the machine can read in /proc, or the
+    private `--gold-fd`, read (and closed) here."""
+    if args.gold_fd is None:
+        return args.gold
+    try:
+        with open(args.gold_fd, encoding="utf-8", closefd=True) as f:
+            return f.read(4096).strip()
+    except (OSError, ValueError) as e:
+        raise GoldInputError(f"cannot read the gold answer from --gold-fd {args.gold_fd}: {e}") from e
+
+
 def cmd_reward(args) -> int:
     from rewards.extract import parse_mcq_options
     from rewards.score import Scorer
 
+    gold = read_gold(args)
     completion = sys.stdin.read()
     cfg = reward_config(args, sandbox_workers=1)
     options = parse_mcq_options(args.question) if args.question else None
     with Scorer(cfg) as scorer:
-        score = scorer.score([completion], [args.gold], args.kind, args.dataset, [options])[0]
+        try:
+            score = scorer.score([completion], [gold], args.kind, args.dataset, [options])[0]
+        except ValueError as e:          # a gold answer that is not one (e.g. not a number)
+            raise GoldInputError(str(e)) from e
     print(json.dumps({"reward": score.reward, "answer": score.answer, "status": score.status,
                       "correct": score.correct, "detail": score.detail}))
     return 0
@@ -195,7 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reward", help="score one completion read from stdin; prints a JSON object")
     p.add_argument("--kind", choices=["ncot", "pcot"], required=True,
                    help="ncot: stdin is the CoT text; pcot: stdin is a program defining solution()")
-    p.add_argument("--gold", required=True, help="the gold answer (a number, or an option letter for mathqa)")
+    gold = p.add_mutually_exclusive_group(required=True)
+    gold.add_argument("--gold", help="the gold answer (a number, or an option letter for mathqa); "
+                                     "visible to every process on the machine (/proc/PID/cmdline)")
+    gold.add_argument("--gold-fd", type=int, metavar="FD",
+                      help="read the gold answer from this open file descriptor instead: private, "
+                           "e.g. `3<gold.txt` or `3<<<208` in bash")
     p.add_argument("--dataset", default="gsm8k", help="decides how answers compare (mathqa = option letters)")
     p.add_argument("--question", default=None, help="mathqa: the question with its options, to map a value to a letter")
     p.add_argument("--partial-reward", type=float, default=None,
@@ -272,7 +297,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (DatasetError, ConfigError, FileNotFoundError) as e:
+    except (DatasetError, ConfigError, FileNotFoundError, GoldInputError) as e:
         # Bad input: say where, no traceback.
         print(f"reft {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -1,41 +1,50 @@
 """Sandbox worker: a small fork server that runs untrusted model-written programs.
 
 Started by ``rewards/sandbox.py`` as ``python -I _sandbox_worker.py CONFIG_JSON`` with a scrubbed
-environment. Standard library only and single-threaded. The worker never runs user code itself:
-for every program it forks a fresh child, confines the child and runs the program there, so limits
-are per program and nothing (state, files, processes) survives from one program to the next.
+environment, in a session of its own. Standard library only and single-threaded. The worker never
+runs user code itself: for every program it forks a fresh child, confines the child and runs the
+program there, so limits are per program and nothing (state, files, processes) survives from one
+program to the next.
 
 Protocol, over the worker's stdin/stdout pipes: every message is a 4-byte big-endian length
 followed by that many bytes of UTF-8 JSON.
-    worker -> host, once at startup: {"pid", "seccomp", "landlock_abi", "drops_privileges", "problems"}
+    worker -> host, once at startup: {"pid", "seccomp", "landlock_abi", "private_scratch",
+                                      "drops_privileges", "problems"}
     host -> worker, per program:     {"program": str, "timeout_s": float}
     worker -> host, per program:     {"status", "answer", "detail", "seconds"}
 
-Protection layers, applied in the child in this order; each holds even if a later one is bypassed:
- 1. a process of its own, in a session of its own, SIGKILLed (the whole group) when it is done or
-    over time, and SIGKILLed by the kernel if the worker dies (parent-death signal);
- 2. a private temp dir as cwd, stdin from /dev/null, stdout/stderr into a file in the temp dir;
- 3. rlimits: CPU time, address space, file size (caps the output), open files, no core dumps,
-    no new processes;
- 4. privileges dropped to nobody when the worker runs as root;
- 5. Landlock (Linux >= 5.13): file-system changes only beneath the temp dir, no TCP, no signals
-    or abstract unix sockets to processes outside the sandbox;
- 6. seccomp-BPF: no fork/exec/threads, sockets, signals, ptrace, namespaces, mounts, ... (EPERM);
- 7. a Python audit hook that refuses the same operations, plus file writes outside the temp dir,
-    with a clear "blocked: <event>" error.
+Protection layers, applied in the child in this order; each holds even if a later one is bypassed
+(README, "The P-CoT sandbox", says what each stops):
+ 1. a process group of its own inside the worker's session: the worker SIGKILLs the group when the
+    program is done or over time, the host kills the whole session when it closes the pool, and
+    the kernel SIGKILLs the child if the worker dies (parent-death signal, which it cannot clear);
+ 2. private namespaces (root only): a mount namespace with a size- and inode-capped tmpfs as the
+    program's only writable space, and an IPC namespace; both vanish with the process;
+ 3. stdin from /dev/null, stdout/stderr into a file in the private space;
+ 4. rlimits: CPU time, address space, file size, open files, no core dumps, no new processes;
+ 5. privileges dropped to nobody when the worker runs as root;
+ 6. Landlock: reads only the interpreter's library directories, changes only its private space,
+    no TCP, no signals or abstract unix sockets to outside processes;
+ 7. seccomp-BPF: an allow-list of the system calls a pure-Python computation needs (EPERM else);
+ 8. no ctypes: every reference to the worker's ctypes objects is dropped, and ctypes is removed
+    from sys.modules so that importing it again goes through the audit hook;
+ 9. a Python audit hook that refuses processes, sockets, ctypes, writes outside the private space,
+    ... with a clear "blocked: <event>" error.
+The kernel layers (2, 4-7) are the barrier; 8 and 9 give clear errors and shrink what a program
+can reach, but CPython offers no complete in-process isolation (e.g. `_ctypes`'s types cannot be
+unloaded once imported), which is why 7 allows only harmless system calls.
 """
-import ctypes
 import errno
 import json
 import math
 import os
 import resource
 import select
-import shutil
 import signal
 import stat
 import struct
 import sys
+import sysconfig
 import tempfile
 import time
 import types
@@ -50,8 +59,6 @@ PRELOADED_MODULES = (
     "random", "re", "statistics", "string", "typing",
     "encodings.idna", "socket", "subprocess", "threading",   # idna: socket name lookups
 )
-for _module in PRELOADED_MODULES:
-    __import__(_module)
 
 NOBODY = 65534                  # uid and gid of `nobody`
 ANSWER_CHARS = 256              # caps of the texts a program can put in its result
@@ -59,78 +66,171 @@ DETAIL_CHARS = 300
 MAX_REQUEST_BYTES = 64 << 20    # a larger message from the host is a protocol error
 MAX_RESULT_BYTES = 1 << 16      # how much the worker reads from a child's result pipe
 RESULT_FD = 3                   # the child's result pipe, after its other descriptors are closed
-OUTPUT_FILE = "output.txt"      # the program's stdout and stderr, inside its temp dir
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
-
-
-def _check(result: int, what: str) -> int:
-    if result < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
-    return result
-
-
-def _prctl(option: int, arg2: int = 0, arg3: int = 0) -> None:
-    args = (ctypes.c_ulong(arg2), ctypes.c_ulong(arg3), ctypes.c_ulong(0), ctypes.c_ulong(0))
-    _check(_libc.prctl(option, *args), f"prctl({option})")
-
+OUTPUT_FILE = "output.txt"      # the program's stdout and stderr, inside its private space
+SCRATCH_INODES = 2048           # files and directories a program may create in its tmpfs
 
 PR_SET_PDEATHSIG = 1
 PR_SET_SECCOMP = 22
 PR_SET_NO_NEW_PRIVS = 38
+CLONE_NEWNS, CLONE_NEWIPC = 0x00020000, 0x08000000
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x8, 0x4000, 0x40000
+
+# The raw system calls the layers need (see load_kernel_calls). Set once in the worker; the child
+# sets it back to None before the program runs, so that no ctypes object stays reachable.
+KERNEL = None
+
+
+# --------------------------------------------------------------------------- raw system calls
+def load_kernel_calls() -> types.SimpleNamespace:
+    """ctypes wrappers for prctl, unshare, mount and the Landlock/seccomp calls. Closures only:
+    the one reference to them is the global KERNEL, which the child drops (forget_kernel_calls)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+
+    def check(result: int, what: str) -> int:
+        if result < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"{what}: {os.strerror(err)}")
+        return result
+
+    def prctl(option: int, arg2: int = 0, arg3: int = 0) -> None:
+        args = (ctypes.c_ulong(arg2), ctypes.c_ulong(arg3), ctypes.c_ulong(0), ctypes.c_ulong(0))
+        check(libc.prctl(option, *args), f"prctl({option})")
+
+    def syscall(name: str, nr: int, *args) -> int:
+        return check(libc.syscall(ctypes.c_long(nr), *args), name)
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_char_p)]
+
+    def install_seccomp(bpf: bytes) -> None:
+        fprog = SockFprog(len(bpf) // 8, bpf)
+        prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(fprog))
+
+    class RulesetAttr(ctypes.Structure):
+        _fields_ = [("handled_access_fs", ctypes.c_uint64), ("handled_access_net", ctypes.c_uint64),
+                    ("scoped", ctypes.c_uint64)]
+
+    class PathBeneathAttr(ctypes.Structure):
+        _pack_ = 1
+        _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+    def landlock_abi() -> int:
+        version = libc.syscall(ctypes.c_long(SYS_LANDLOCK_CREATE_RULESET), None, ctypes.c_size_t(0),
+                               ctypes.c_uint32(LANDLOCK_CREATE_RULESET_VERSION))
+        return max(version, 0)
+
+    def landlock_ruleset(fs: int, net: int, scoped: int, size: int) -> int:
+        attr = RulesetAttr(fs, net, scoped)
+        return syscall("landlock_create_ruleset", SYS_LANDLOCK_CREATE_RULESET, ctypes.byref(attr),
+                       ctypes.c_size_t(size), ctypes.c_uint32(0))
+
+    def landlock_allow(ruleset: int, path_fd: int, access: int) -> None:
+        rule = PathBeneathAttr(access, path_fd)
+        syscall("landlock_add_rule", SYS_LANDLOCK_ADD_RULE, ctypes.c_int(ruleset),
+                ctypes.c_int(LANDLOCK_RULE_PATH_BENEATH), ctypes.byref(rule), ctypes.c_uint32(0))
+
+    def landlock_restrict(ruleset: int) -> None:
+        syscall("landlock_restrict_self", SYS_LANDLOCK_RESTRICT_SELF, ctypes.c_int(ruleset),
+                ctypes.c_uint32(0))
+
+    def unshare(flags: int) -> None:
+        check(libc.unshare(ctypes.c_int(flags)), "unshare")
+
+    def mount(source: bytes, target: bytes, fstype, flags: int, data) -> None:
+        check(libc.mount(source, target, fstype, ctypes.c_ulong(flags), data), "mount")
+
+    return types.SimpleNamespace(prctl=prctl, install_seccomp=install_seccomp,
+                                 landlock_abi=landlock_abi, landlock_ruleset=landlock_ruleset,
+                                 landlock_allow=landlock_allow, landlock_restrict=landlock_restrict,
+                                 unshare=unshare, mount=mount)
+
+
+def forget_kernel_calls() -> None:
+    """Layer 8: drop the worker's ctypes wrappers and take ctypes out of sys.modules, so that the
+    program finds no ctypes object through the worker (``sys.modules["__main__"]``) or sys.modules,
+    and a new ``import ctypes`` raises the audit event that the hook refuses."""
+    global KERNEL
+    KERNEL = None
+    for name in [name for name in sys.modules if name.partition(".")[0] in ("ctypes", "_ctypes")]:
+        del sys.modules[name]
 
 
 # --------------------------------------------------------------------------- seccomp-BPF
 # A hand-written classic-BPF filter rather than `pyseccomp`: the worker stays stdlib-only (no
 # dependency that has not been released since 2021, no libseccomp to dlopen), and the whole policy
-# is the ~40 lines below, with explicit syscall tables for the two architectures we run on.
-# Denied calls fail with EPERM, which Python turns into a clean PermissionError. A call made through
-# another ABI (i386 `int 0x80` on x86_64, or x32) would not match these numbers, so it kills.
-DENIED_SYSCALLS = (
-    # new processes and threads (the program needs neither), running other programs
-    "fork", "vfork", "clone", "clone3", "execve", "execveat",
-    # networking
-    "socket", "socketpair", "connect", "bind", "listen", "accept", "accept4",
-    # signals to other processes, and reaching into them
-    "kill", "tkill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo",
-    "pidfd_open", "pidfd_send_signal", "pidfd_getfd",
-    "ptrace", "process_vm_readv", "process_vm_writev",
-    # namespaces, mounts and rarely-needed kernel attack surface
-    "unshare", "setns", "mount", "umount2", "chroot", "pivot_root", "personality",
-    "keyctl", "add_key", "request_key", "bpf", "userfaultfd", "perf_event_open",
-    "io_uring_setup", "io_uring_enter", "io_uring_register", "mknod", "mknodat",
+# is the allow-list below, with explicit syscall tables for the two architectures we run on.
+# Every other call fails with EPERM, which Python turns into a clean PermissionError: new
+# processes and threads, exec, sockets, signals, SysV IPC and POSIX message queues, fallocate,
+# prctl (so the parent-death signal stays), setsid/setpgid, setpriority, chmod/chown, links,
+# ptrace, process_vm_*, mount and namespaces, kexec, bpf, perf_event_open, userfaultfd, io_uring,
+# keyctl, memfd... A call made through another ABI (i386 `int 0x80` on x86_64, or x32) kills.
+ALLOWED_SYSCALLS = (
+    # memory, and the signals the runtime handles itself
+    "brk", "mmap", "munmap", "mremap", "mprotect", "madvise", "futex",
+    "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "sigaltstack", "restart_syscall",
+    # descriptors it already has or opens (Landlock decides which paths)
+    "read", "write", "readv", "writev", "pread64", "pwrite64", "lseek", "close", "close_range",
+    "fcntl", "dup", "dup2", "dup3", "pipe", "pipe2", "poll", "ppoll", "select", "pselect6",
+    "fsync", "fdatasync", "ftruncate", "truncate",
+    "open", "openat", "stat", "fstat", "lstat", "newfstatat", "statx", "statfs", "fstatfs",
+    "access", "faccessat", "faccessat2", "getdents64", "getcwd", "readlink", "readlinkat",
+    "mkdir", "mkdirat", "rmdir", "unlink", "unlinkat", "rename", "renameat", "renameat2",
+    # facts about itself, clocks, randomness, the end
+    "getpid", "getppid", "gettid", "getuid", "geteuid", "getgid", "getegid", "getgroups",
+    "getresuid", "getresgid", "getpgrp", "getpgid", "getsid", "uname", "sysinfo", "getrlimit",
+    "prlimit64", "getrusage", "times", "sched_getaffinity", "sched_yield", "getrandom",
+    "clock_gettime", "clock_getres", "clock_nanosleep", "nanosleep", "gettimeofday", "time",
+    "exit", "exit_group",
 )
-# machine -> (AUDIT_ARCH_* value, syscall numbers). aarch64 has no fork, vfork or mknod.
+# ioctl only for these requests (isatty, close-on-exec, bytes readable): no terminal injection.
+ALLOWED_IOCTLS = (0x5401, 0x5450, 0x5451, 0x541B)   # TCGETS, FIONCLEX, FIOCLEX, FIONREAD
+# machine -> (AUDIT_ARCH_* value, syscall numbers). aarch64 lacks the legacy calls (open, stat, ...).
 SYSCALL_TABLES = {
     "x86_64": (0xC000003E, {
-        "fork": 57, "vfork": 58, "clone": 56, "clone3": 435, "execve": 59, "execveat": 322,
-        "socket": 41, "socketpair": 53, "connect": 42, "bind": 49, "listen": 50, "accept": 43,
-        "accept4": 288, "kill": 62, "tkill": 200, "tgkill": 234, "rt_sigqueueinfo": 129,
-        "rt_tgsigqueueinfo": 297, "pidfd_open": 434, "pidfd_send_signal": 424, "pidfd_getfd": 438,
-        "ptrace": 101, "process_vm_readv": 310, "process_vm_writev": 311, "unshare": 272,
-        "setns": 308, "mount": 165, "umount2": 166, "chroot": 161, "pivot_root": 155,
-        "personality": 135, "keyctl": 250, "add_key": 248, "request_key": 249, "bpf": 321,
-        "userfaultfd": 323, "perf_event_open": 298, "io_uring_setup": 425, "io_uring_enter": 426,
-        "io_uring_register": 427, "mknod": 133, "mknodat": 259,
+        "read": 0, "write": 1, "open": 2, "close": 3, "stat": 4, "fstat": 5, "lstat": 6, "poll": 7,
+        "lseek": 8, "mmap": 9, "mprotect": 10, "munmap": 11, "brk": 12, "rt_sigaction": 13,
+        "rt_sigprocmask": 14, "rt_sigreturn": 15, "ioctl": 16, "pread64": 17, "pwrite64": 18,
+        "readv": 19, "writev": 20, "access": 21, "pipe": 22, "select": 23, "sched_yield": 24,
+        "mremap": 25, "madvise": 28, "dup": 32, "dup2": 33, "nanosleep": 35, "getpid": 39,
+        "exit": 60, "uname": 63, "fcntl": 72, "fsync": 74, "fdatasync": 75, "truncate": 76,
+        "ftruncate": 77, "getcwd": 79, "rename": 82, "mkdir": 83, "rmdir": 84, "unlink": 87,
+        "readlink": 89, "gettimeofday": 96, "getrlimit": 97, "getrusage": 98, "sysinfo": 99,
+        "times": 100, "getuid": 102, "getgid": 104, "geteuid": 107, "getegid": 108,
+        "getppid": 110, "getpgrp": 111, "getgroups": 115, "getresuid": 118, "getresgid": 120,
+        "getpgid": 121, "getsid": 124, "sigaltstack": 131, "statfs": 137, "fstatfs": 138,
+        "gettid": 186, "time": 201, "futex": 202, "sched_getaffinity": 204, "getdents64": 217,
+        "restart_syscall": 219, "clock_gettime": 228, "clock_getres": 229, "clock_nanosleep": 230,
+        "exit_group": 231, "openat": 257, "mkdirat": 258, "newfstatat": 262, "unlinkat": 263,
+        "renameat": 264, "readlinkat": 267, "faccessat": 269, "pselect6": 270, "ppoll": 271,
+        "dup3": 292, "pipe2": 293, "prlimit64": 302, "renameat2": 316, "getrandom": 318,
+        "statx": 332, "close_range": 436, "faccessat2": 439,
     }),
     "aarch64": (0xC00000B7, {
-        "clone": 220, "clone3": 435, "execve": 221, "execveat": 281, "socket": 198,
-        "socketpair": 199, "connect": 203, "bind": 200, "listen": 201, "accept": 202,
-        "accept4": 242, "kill": 129, "tkill": 130, "tgkill": 131, "rt_sigqueueinfo": 138,
-        "rt_tgsigqueueinfo": 240, "pidfd_open": 434, "pidfd_send_signal": 424, "pidfd_getfd": 438,
-        "ptrace": 117, "process_vm_readv": 270, "process_vm_writev": 271, "unshare": 97,
-        "setns": 268, "mount": 40, "umount2": 39, "chroot": 51, "pivot_root": 41,
-        "personality": 92, "keyctl": 219, "add_key": 217, "request_key": 218, "bpf": 280,
-        "userfaultfd": 282, "perf_event_open": 241, "io_uring_setup": 425, "io_uring_enter": 426,
-        "io_uring_register": 427, "mknodat": 33,
+        "getcwd": 17, "dup": 23, "dup3": 24, "fcntl": 25, "ioctl": 29, "mkdirat": 34,
+        "unlinkat": 35, "renameat": 38, "statfs": 43, "fstatfs": 44, "truncate": 45,
+        "ftruncate": 46, "faccessat": 48, "openat": 56, "close": 57, "pipe2": 59,
+        "getdents64": 61, "lseek": 62, "read": 63, "write": 64, "readv": 65, "writev": 66,
+        "pread64": 67, "pwrite64": 68, "pselect6": 72, "ppoll": 73, "readlinkat": 78,
+        "newfstatat": 79, "fstat": 80, "fsync": 82, "fdatasync": 83, "exit": 93, "exit_group": 94,
+        "futex": 98, "nanosleep": 101, "clock_gettime": 113, "clock_getres": 114,
+        "clock_nanosleep": 115, "sched_getaffinity": 123, "sched_yield": 124,
+        "restart_syscall": 128, "sigaltstack": 132, "rt_sigaction": 134, "rt_sigprocmask": 135,
+        "rt_sigreturn": 139, "getresuid": 148, "getresgid": 150, "times": 153, "getpgid": 155,
+        "getsid": 156, "getgroups": 158, "uname": 160, "getrlimit": 163, "getrusage": 165,
+        "gettimeofday": 169, "getpid": 172, "getppid": 173, "getuid": 174, "geteuid": 175,
+        "getgid": 176, "getegid": 177, "gettid": 178, "sysinfo": 179, "brk": 214, "munmap": 215,
+        "mremap": 216, "mmap": 222, "mprotect": 226, "madvise": 233, "prlimit64": 261,
+        "renameat2": 276, "getrandom": 278, "statx": 291, "close_range": 436, "faccessat2": 439,
     }),
 }
 BPF_LD_W_ABS = 0x20                 # A = 32-bit word at offset k of struct seccomp_data
 BPF_JEQ_K, BPF_JGE_K = 0x15, 0x35   # if A == k / A >= k: skip jt instructions, else skip jf
 BPF_RET_K = 0x06
 SECCOMP_DATA_NR, SECCOMP_DATA_ARCH = 0, 4
+SECCOMP_DATA_ARG1_LOW = 16 + 8      # args[1], low 32 bits (both machines are little-endian)
 SECCOMP_MODE_FILTER = 2
 SECCOMP_RET_KILL_PROCESS = 0x80000000
 SECCOMP_RET_ERRNO = 0x00050000
@@ -139,10 +239,12 @@ X32_SYSCALL_BIT = 0x40000000
 
 
 def seccomp_filter(machine: str) -> bytes:
-    """The BPF program (an array of struct sock_filter) for `machine`."""
+    """The BPF program (an array of struct sock_filter) for `machine`: the allow-list."""
     arch, numbers = SYSCALL_TABLES[machine]
-    denied = sorted(numbers[name] for name in DENIED_SYSCALLS if name in numbers)
+    allowed = sorted(numbers[name] for name in ALLOWED_SYSCALLS if name in numbers)
     kill = (BPF_RET_K, 0, 0, SECCOMP_RET_KILL_PROCESS)
+    deny = (BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | errno.EPERM)
+    allow = (BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW)
     program = [
         (BPF_LD_W_ABS, 0, 0, SECCOMP_DATA_ARCH),
         (BPF_JEQ_K, 1, 0, arch),                   # our architecture: skip the kill
@@ -151,10 +253,14 @@ def seccomp_filter(machine: str) -> bytes:
     ]
     if machine == "x86_64":                        # x32 calls: same arch value, bit 30 set
         program += [(BPF_JGE_K, 0, 1, X32_SYSCALL_BIT), kill]
-    for i, nr in enumerate(denied):                # a match jumps past the other tests and ALLOW
-        program.append((BPF_JEQ_K, len(denied) - i, 0, nr))
-    program += [(BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW),
-                (BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | errno.EPERM)]
+    # Layout: [one test per allowed call] [ioctl test] deny allow [ioctl request tests] deny allow
+    for i, nr in enumerate(allowed):               # a match jumps to `allow`
+        program.append((BPF_JEQ_K, len(allowed) - i + 1, 0, nr))
+    program += [(BPF_JEQ_K, 2, 0, numbers["ioctl"]), deny, allow,
+                (BPF_LD_W_ABS, 0, 0, SECCOMP_DATA_ARG1_LOW)]
+    for i, request in enumerate(ALLOWED_IOCTLS):
+        program.append((BPF_JEQ_K, len(ALLOWED_IOCTLS) - i, 0, request))
+    program += [deny, allow]
     return b"".join(struct.pack("=HBBI", *insn) for insn in program)
 
 
@@ -162,24 +268,20 @@ MACHINE = os.uname().machine
 SECCOMP_FILTER = seccomp_filter(MACHINE) if MACHINE in SYSCALL_TABLES else b""
 
 
-class _SockFprog(ctypes.Structure):
-    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_char_p)]
-
-
 def install_seccomp(bpf: bytes) -> None:
-    """Irreversibly restrict this process's system calls. Needs PR_SET_NO_NEW_PRIVS set."""
-    fprog = _SockFprog(len(bpf) // 8, bpf)
-    _prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(fprog))
+    """Layer 7: irreversibly restrict this process to the allow-list. Needs PR_SET_NO_NEW_PRIVS."""
+    KERNEL.install_seccomp(bpf)
 
 
 # --------------------------------------------------------------------------- Landlock
 # Unprivileged file-system sandboxing (Linux >= 5.13). The rights below are "handled", i.e. denied
-# unless a rule allows them; our one rule allows them beneath the program's temp dir. Reading is not
-# handled: a program may read what `nobody` may read (e.g. the stdlib).
+# unless a rule allows them: reading is allowed beneath the interpreter's library directories,
+# reading and changing beneath the program's private space, executing nowhere.
 SYS_LANDLOCK_CREATE_RULESET, SYS_LANDLOCK_ADD_RULE, SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
 LANDLOCK_CREATE_RULESET_VERSION = 1
 LANDLOCK_RULE_PATH_BENEATH = 1
 LANDLOCK_ACCESS_FS_EXECUTE = 1 << 0
+LANDLOCK_READ_FILE, LANDLOCK_READ_DIR = 1 << 2, 1 << 3
 LANDLOCK_FS_CHANGES = (          # (ABI version that introduced it, access right)
     (1, 1 << 1),                 # WRITE_FILE
     (1, 1 << 4),                 # REMOVE_DIR
@@ -188,50 +290,67 @@ LANDLOCK_FS_CHANGES = (          # (ABI version that introduced it, access right
     (2, 1 << 13),                # REFER: link or rename across directories
     (3, 1 << 14),                # TRUNCATE
 )
+LANDLOCK_IOCTL_DEV = 1 << 15     # ABI 5: ioctl on devices opened after the restriction
 LANDLOCK_NET_TCP = 0b11          # ABI 4: BIND_TCP, CONNECT_TCP (no rule allows any port)
 LANDLOCK_SCOPED = 0b11           # ABI 6: ABSTRACT_UNIX_SOCKET, SIGNAL (to outside the sandbox)
 
 
-class _LandlockRulesetAttr(ctypes.Structure):
-    _fields_ = [("handled_access_fs", ctypes.c_uint64), ("handled_access_net", ctypes.c_uint64),
-                ("scoped", ctypes.c_uint64)]
-
-
-class _LandlockPathBeneathAttr(ctypes.Structure):
-    _pack_ = 1
-    _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
-
-
 def landlock_abi() -> int:
     """The kernel's Landlock ABI version, 0 when it has none (or it is disabled)."""
-    version = _libc.syscall(ctypes.c_long(SYS_LANDLOCK_CREATE_RULESET), None, ctypes.c_size_t(0),
-                            ctypes.c_uint32(LANDLOCK_CREATE_RULESET_VERSION))
-    return max(version, 0)
+    return KERNEL.landlock_abi()
 
 
-def install_landlock(workdir: str, abi: int) -> None:
-    """Irreversibly confine file-system changes to `workdir`. Needs PR_SET_NO_NEW_PRIVS set."""
+def readable_paths() -> list[str]:
+    """What a program may read: the interpreter's standard library and installed packages (where
+    sympy and friends live), and the time-zone files. Not the project, its data, runs or
+    checkpoints, not /proc, /tmp or Ray's session files: nothing else at all."""
+    paths = sysconfig.get_paths()
+    candidates = {paths[key] for key in ("stdlib", "platstdlib", "purelib", "platlib")}
+    candidates |= {"/etc/localtime", "/usr/share/zoneinfo"}
+    return sorted(path for path in candidates if os.path.exists(path))
+
+
+def install_landlock(workdir: str, abi: int, read_paths=()) -> None:
+    """Layer 6: irreversibly confine file-system access: read `read_paths`, read and change
+    beneath `workdir`, nothing else; no TCP; no signals or abstract sockets to outside processes.
+    Needs PR_SET_NO_NEW_PRIVS."""
     changes = sum(right for since, right in LANDLOCK_FS_CHANGES if abi >= since)
-    attr = _LandlockRulesetAttr(changes | LANDLOCK_ACCESS_FS_EXECUTE,
-                                LANDLOCK_NET_TCP if abi >= 4 else 0,
-                                LANDLOCK_SCOPED if abi >= 6 else 0)
+    read = LANDLOCK_READ_FILE | LANDLOCK_READ_DIR
+    handled = changes | read | LANDLOCK_ACCESS_FS_EXECUTE | (LANDLOCK_IOCTL_DEV if abi >= 5 else 0)
     attr_size = 24 if abi >= 6 else 16 if abi >= 4 else 8   # the fields this kernel knows
-    ruleset = _check(_libc.syscall(ctypes.c_long(SYS_LANDLOCK_CREATE_RULESET), ctypes.byref(attr),
-                                   ctypes.c_size_t(attr_size), ctypes.c_uint32(0)),
-                     "landlock_create_ruleset")
+    ruleset = KERNEL.landlock_ruleset(handled, LANDLOCK_NET_TCP if abi >= 4 else 0,
+                                      LANDLOCK_SCOPED if abi >= 6 else 0, attr_size)
     try:
-        beneath = os.open(workdir, os.O_PATH | os.O_CLOEXEC)
-        try:
-            rule = _LandlockPathBeneathAttr(changes, beneath)
-            _check(_libc.syscall(ctypes.c_long(SYS_LANDLOCK_ADD_RULE), ctypes.c_int(ruleset),
-                                 ctypes.c_int(LANDLOCK_RULE_PATH_BENEATH), ctypes.byref(rule),
-                                 ctypes.c_uint32(0)), "landlock_add_rule")
-        finally:
-            os.close(beneath)
-        _check(_libc.syscall(ctypes.c_long(SYS_LANDLOCK_RESTRICT_SELF), ctypes.c_int(ruleset),
-                             ctypes.c_uint32(0)), "landlock_restrict_self")
+        for path, access in [(workdir, changes | read)] + [(path, read) for path in read_paths]:
+            try:
+                beneath = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            except OSError:
+                continue                             # gone since the worker started: not readable
+            try:
+                if not stat.S_ISDIR(os.fstat(beneath).st_mode):
+                    access = LANDLOCK_READ_FILE          # a file rule takes file rights only
+                KERNEL.landlock_allow(ruleset, beneath, access)
+            finally:
+                os.close(beneath)
+        KERNEL.landlock_restrict(ruleset)
     finally:
         os.close(ruleset)
+
+
+# --------------------------------------------------------------------------- private space
+def enter_private_space(workdir: str, scratch_mb: int) -> None:
+    """Layer 2 (as root, before the privilege drop): new mount and IPC namespaces, and a tmpfs of
+    `scratch_mb` MiB and SCRATCH_INODES inodes mounted on `workdir`, owned by nobody.
+
+    The tmpfs caps what a program can write (fallocate, many files, deep directory chains) and it
+    and every System V / POSIX IPC object the program makes disappear with its process: nothing is
+    left on the host's disk or in `ipcs`, whatever the program did. The mount is private: the
+    host never sees it."""
+    KERNEL.unshare(CLONE_NEWNS | CLONE_NEWIPC)
+    KERNEL.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None)
+    options = f"size={scratch_mb}m,nr_inodes={SCRATCH_INODES},mode=0700,uid={NOBODY},gid={NOBODY}"
+    KERNEL.mount(b"tmpfs", os.fsencode(workdir), b"tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                 options.encode())
 
 
 # --------------------------------------------------------------------------- audit hook
@@ -254,9 +373,11 @@ BLOCKED_EVENTS = frozenset({
 })
 BLOCKED_EVENT_PREFIXES = ("socket.", "ctypes.", "os.exec", "os.spawn", "os.posix_spawn",
                           "os.fork", "os.kill", "os.startfile")   # os.forkpty, os.killpg too
-# Test-only extension modules that can write anywhere in memory.
+# Test-only extension modules that can write anywhere in memory, and
+# ctypes: calls into C with no audit event (layer 8 removed it from sys.modules, so importing it
+# again raises the "import" event).
 BLOCKED_IMPORTS = frozenset({"_testcapi", "_testinternalcapi", "_testbuffer", "_testmultiphase",
-                             "_ctypes_test", "_xxsubinterpreters", "_xxtestfuzz"})
+                             "_ctypes_test", "_xxsubinterpreters", "_xxtestfuzz", "ctypes", "_ctypes"})
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 # Events that change the file system: (event, positions of path arguments, positions of dir_fd
 # arguments). Tuples, not a dict: the hook must not depend on anything a program could mutate.
@@ -328,34 +449,47 @@ def install_audit_hook(workdir: str) -> None:
 
 
 # --------------------------------------------------------------------------- the child
-def confine(workdir: str, timeout_s: float, config: dict, caps: dict, worker_pid: int) -> None:
-    """Apply layers 3-6 to this process (the child): rlimits, nobody, Landlock, seccomp."""
+def set_rlimits(timeout_s: float, config: dict) -> None:
+    """Layer 4: CPU time (SIGXCPU, then SIGKILL), address space, size of each file written, open
+    files, no core dumps, no new processes or threads (counted per uid)."""
     cpu_s = math.ceil(timeout_s)
-    for limit, value in ((resource.RLIMIT_CPU, (cpu_s, cpu_s + 1)),   # SIGXCPU, then SIGKILL
+    for limit, value in ((resource.RLIMIT_CPU, (cpu_s, cpu_s + 1)),
                          (resource.RLIMIT_AS, (config["memory_mb"] << 20,) * 2),
                          (resource.RLIMIT_FSIZE, (config["output_bytes"],) * 2),
                          (resource.RLIMIT_NOFILE, (config["max_open_files"],) * 2),
                          (resource.RLIMIT_CORE, (0, 0)),
                          (resource.RLIMIT_NPROC, (0, 0))):
         resource.setrlimit(limit, value)
+
+
+def drop_privileges() -> None:
+    """Layer 5 (root only): become nobody, with no supplementary groups: no access to root's
+    files, no capabilities, no signals to the host's processes."""
+    os.setgroups([])
+    os.setgid(NOBODY)
+    os.setuid(NOBODY)
+
+
+def confine(workdir: str, timeout_s: float, config: dict, caps: dict, worker_pid: int) -> None:
+    """Apply layers 4-7 to this process (the child): rlimits, nobody, Landlock, seccomp."""
+    set_rlimits(timeout_s, config)
     if caps["drops_privileges"]:
-        os.setgroups([])
-        os.setgid(NOBODY)
-        os.setuid(NOBODY)
-    # After the uid change, which resets it: die with the worker, never outlive it.
-    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != worker_pid:
+        drop_privileges()
+    # After the uid change, which resets it: die with the worker, never outlive it (seccomp's ban
+    # on prctl keeps a program from clearing it).
+    KERNEL.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != worker_pid:           # the worker died before the signal was set
         os._exit(1)
-    _prctl(PR_SET_NO_NEW_PRIVS, 1)
+    KERNEL.prctl(PR_SET_NO_NEW_PRIVS, 1)
     if caps["landlock_abi"]:
-        install_landlock(workdir, caps["landlock_abi"])
+        install_landlock(workdir, caps["landlock_abi"], caps["read_paths"])
     if caps["seccomp"]:
         install_seccomp(SECCOMP_FILTER)
 
 
-def redirect_stdio(result_fd: int) -> None:
-    """Keep only the result pipe (as RESULT_FD); stdin from /dev/null, stdout/stderr to a file."""
-    os.dup2(result_fd, RESULT_FD)
+def redirect_stdio() -> None:
+    """Layer 3: keep only the result pipe (RESULT_FD); stdin from /dev/null, stdout/stderr into a
+    file in the private space (the cwd)."""
     os.closerange(RESULT_FD + 1, os.sysconf("SC_OPEN_MAX"))   # close_range(2) on Linux
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
@@ -411,11 +545,15 @@ def run_child(program: str, workdir: str, result_fd: int, timeout_s: float, conf
               caps: dict, worker_pid: int) -> None:
     """The forked child: confine itself, run the program, write one JSON reply. Never returns."""
     try:
-        os.setsid()
-        os.chdir(workdir)
-        redirect_stdio(result_fd)
+        os.dup2(result_fd, RESULT_FD)
+        os.setpgid(0, 0)                        # layer 1: its own group, in the worker's session
         try:
+            if caps["private_scratch"]:
+                enter_private_space(workdir, config["scratch_mb"])
+            os.chdir(workdir)
+            redirect_stdio()
             confine(workdir, timeout_s, config, caps, worker_pid)
+            forget_kernel_calls()
         except Exception as exc:                # fail closed: never run a program half-confined
             reply = {"status": "error", "detail": f"sandbox setup failed: {describe(exc)}"}
         else:
@@ -450,7 +588,7 @@ def read_result(fd: int, deadline: float) -> tuple[bytes, bool]:
 
 
 def kill_process_group(pid: int) -> None:
-    # The child leads its own group (setsid); if it was killed before getting that far, kill it alone.
+    # The child leads its own group (setpgid); if it was killed before getting that far, kill it alone.
     for kill in (os.killpg, os.kill):
         try:
             kill(pid, signal.SIGKILL)
@@ -459,15 +597,64 @@ def kill_process_group(pid: int) -> None:
 
 
 def remove_tree(path: str) -> None:
-    """Delete a program's temp dir, whatever it left there. shutil.rmtree never follows symlinks;
-    directories the program made unreadable are opened up first (real directories only: lstat)."""
-    os.chmod(path, 0o700)
-    for root, dirs, _files in os.walk(path):     # top-down: a directory is fixed before it is entered
-        for name in dirs:
-            child = os.path.join(root, name)
-            if stat.S_ISDIR(os.lstat(child).st_mode):
-                os.chmod(child, 0o700)
-    shutil.rmtree(path, ignore_errors=True)
+    """Delete `path` and whatever a program left beneath it. Never raises and never recurses:
+    one open directory at a time and descriptor-relative calls, so neither the depth of a
+    directory chain nor PATH_MAX matters. Symlinks are removed, never followed; directories made
+    unreadable are opened up first; what cannot be removed is left and skipped."""
+    parent, top = os.path.split(os.path.abspath(path))
+    try:
+        fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    names, stuck = [top], set()          # names: the path from `parent` down; fd holds names[-1]
+    try:
+        while names:
+            try:
+                info = os.stat(names[-1], dir_fd=fd, follow_symlinks=False)
+                if not stat.S_ISDIR(info.st_mode):
+                    os.unlink(names[-1], dir_fd=fd)
+                    names.pop()
+                    continue
+                os.chmod(names[-1], 0o700, dir_fd=fd)
+                inner = os.open(names[-1], os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            except OSError:
+                inner = None
+            deeper = None
+            if inner is not None:
+                with os.scandir(inner) as entries:
+                    for entry in entries:
+                        try:
+                            if entry.is_dir(follow_symlinks=False):
+                                if entry.inode() not in stuck:
+                                    deeper = entry.name
+                                    break
+                            else:
+                                os.unlink(entry.name, dir_fd=inner)
+                        except OSError:
+                            pass
+            if deeper is not None:               # go down: one level deeper
+                os.close(fd)
+                fd, inner = inner, None
+                names.append(deeper)
+                continue
+            if inner is not None:
+                os.close(inner)
+            try:
+                os.rmdir(names[-1], dir_fd=fd)
+            except OSError:
+                try:
+                    stuck.add(os.stat(names[-1], dir_fd=fd, follow_symlinks=False).st_ino)
+                except OSError:
+                    pass
+            names.pop()
+            if names:                            # go up: to the directory holding names[-1]
+                up = os.open("..", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+                os.close(fd)
+                fd = up
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def child_reply(data: bytes) -> dict:
@@ -506,7 +693,7 @@ def run_program(program: str, timeout_s: float, config: dict, caps: dict) -> dic
             kill_process_group(pid)          # also after a normal exit: nothing may linger
             _, wait_status, usage = os.wait4(pid, 0)
     finally:
-        remove_tree(workdir)
+        remove_tree(workdir)                 # empty when the program wrote into its tmpfs
 
     def reply(status: str, detail: str) -> dict:
         return {"status": status, "answer": None, "detail": detail, "seconds": seconds}
@@ -527,45 +714,68 @@ def run_program(program: str, timeout_s: float, config: dict, caps: dict) -> dic
     return reply("killed", f"exited with status {os.waitstatus_to_exitcode(wait_status)} without a result")
 
 
-def probe_capabilities() -> dict:
-    """Which layers this machine supports. Seccomp is tried for real in a throwaway child."""
+def in_throwaway_child(attempt) -> str:
+    """Run attempt() in a forked child: "" when it returned, else what it raised."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            try:
+                attempt()
+                message = ""
+            except Exception as exc:
+                message = describe(exc)
+            os.write(write_fd, message.encode())
+        finally:
+            os._exit(0)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        message = pipe.read().decode()
+    os.waitpid(pid, 0)
+    return message
+
+
+def seccomp_refuses_fork() -> None:
+    KERNEL.prctl(PR_SET_NO_NEW_PRIVS, 1)
+    install_seccomp(SECCOMP_FILTER)
+    try:
+        pid = os.fork()
+    except PermissionError:
+        return
+    if pid == 0:
+        os._exit(0)
+    raise RuntimeError("the filter let fork() through")
+
+
+def probe_capabilities(tmp_root: str) -> dict:
+    """Which layers this machine supports; seccomp and the private space are tried for real in
+    throwaway children. Needs KERNEL."""
     problems = []
     seccomp = bool(SECCOMP_FILTER)
     if not seccomp:
         problems.append(f"seccomp: no system call table for {MACHINE}")
-    else:
-        read_fd, write_fd = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            try:
-                message = "the filter let fork() through"
-                try:
-                    _prctl(PR_SET_NO_NEW_PRIVS, 1)
-                    install_seccomp(SECCOMP_FILTER)
-                    if os.fork() == 0:
-                        os._exit(0)
-                except PermissionError:
-                    message = ""                 # installed, and fork() was refused
-                except Exception as exc:
-                    message = str(exc)
-                os.write(write_fd, message.encode())
-            finally:
-                os._exit(0)
-        os.close(write_fd)
-        with os.fdopen(read_fd, "rb") as pipe:
-            message = pipe.read().decode()
-        os.waitpid(pid, 0)
-        if message:
-            seccomp = False
-            problems.append(f"seccomp: {message}")
+    elif message := in_throwaway_child(seccomp_refuses_fork):
+        seccomp = False
+        problems.append(f"seccomp: {message}")
     abi = landlock_abi()
     if not abi:
         problems.append("landlock: not available in this kernel")
     drops_privileges = os.geteuid() == 0
     if not drops_privileges:
         problems.append("privilege drop: the worker is not root, programs run as the host's user")
+    private_scratch = False
+    if drops_privileges:
+        probe_dir = tempfile.mkdtemp(prefix="probe-", dir=tmp_root)
+        message = in_throwaway_child(lambda: enter_private_space(probe_dir, 1))
+        remove_tree(probe_dir)
+        private_scratch = not message
+        if message:
+            problems.append(f"private space: {message}")
+    else:
+        problems.append("private space: needs root; programs write into a plain directory")
     return {"pid": os.getpid(), "seccomp": seccomp, "landlock_abi": abi,
-            "drops_privileges": drops_privileges, "problems": problems}
+            "private_scratch": private_scratch, "drops_privileges": drops_privileges,
+            "read_paths": readable_paths(), "problems": problems}
 
 
 def read_exactly(fd: int, n: int) -> bytes | None:
@@ -599,7 +809,8 @@ def send(fd: int, message: dict) -> None:
 
 
 def main() -> None:
-    config = json.loads(sys.argv[1])    # memory_mb, output_bytes, max_open_files, tmp_root
+    global KERNEL
+    config = json.loads(sys.argv[1])    # memory_mb, output_bytes, max_open_files, scratch_mb, tmp_root
     # The protocol moves to private descriptors; fds 0 and 1 become /dev/null, so that nothing
     # printed by accident can corrupt it.
     requests, replies = os.dup(0), os.dup(1)
@@ -607,7 +818,10 @@ def main() -> None:
     os.dup2(null, 0)
     os.dup2(null, 1)
     os.close(null)
-    caps = probe_capabilities()
+    for module in PRELOADED_MODULES:
+        __import__(module)
+    KERNEL = load_kernel_calls()
+    caps = probe_capabilities(config["tmp_root"])
     send(replies, caps)
     while (request := receive(requests)) is not None:   # EOF: the host is gone
         try:

@@ -9,6 +9,9 @@ Pure functions, no I/O. The rules follow the paper's code (lqtrung1998/mwp_ReFT)
   Anything else (words, units, two numbers, an expression) is no answer, so that a model is
   never rewarded for an answer the extractor had to guess.
 * Numeric answers are equal when ``|a - b| <= 1e-2`` (the paper's tolerance).
+
+Every function here runs in linear time on any input (no regex that can backtrack on a long run
+of whitespace): N-CoT answers are parsed in the reward actor's own process, with no time limit.
 """
 from __future__ import annotations
 
@@ -26,8 +29,7 @@ MCQ_LETTERS = "abcde"
 _DECIMAL = r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?"
 _NUMBER_RE = re.compile(rf"^(?P<num>{_DECIMAL})$")
 _FRACTION_RE = re.compile(r"^(?P<sign>[-+]?)(?:(?P<whole>\d+)\s+)?(?P<num>\d+)\s*/\s*(?P<den>\d+)$")
-_MCQ_RE = re.compile(r"^\(?\s*([a-eA-E])\s*\)?(?:\s*[).:]\s*.*)?$", re.DOTALL)
-_OPTION_RE = re.compile(r"(?:^|,|\n)\s*([a-e])\s*\)\s*(.*?)(?=\s*,\s*[a-e]\s*\)|$)", re.DOTALL)
+_OPTION_START_RE = re.compile(r"(?:^|,)\s*([a-e])\s*\)")   # "a )" at the start or after a comma
 
 
 def parse_number(text: str) -> Optional[float]:
@@ -80,9 +82,15 @@ def answer_text(completion: str) -> Optional[str]:
 
 
 def parse_mcq_letter(text: str) -> Optional[str]:
-    """``"c"``, ``"(C)"``, ``"c )"``, ``"c) 30"`` → ``"c"``; anything else → None."""
-    m = _MCQ_RE.match(text.strip().rstrip("."))
-    return m.group(1).lower() if m else None
+    """``"c"``, ``"(C)"``, ``"c )"``, ``"c) 30"`` → ``"c"``; anything else → None.
+
+    An optional "(", the letter, then nothing or one of ``) . :`` (and anything after it)."""
+    s = text.strip().rstrip(".")
+    s = (s[1:] if s.startswith("(") else s).lstrip()
+    if not s or s[0] not in "abcdeABCDE":
+        return None
+    rest = s[1:].lstrip()
+    return s[0].lower() if not rest or rest[0] in ").:" else None
 
 
 def parse_mcq_options(question: str) -> dict[str, str]:
@@ -98,9 +106,12 @@ def parse_mcq_options(question: str) -> dict[str, str]:
         return {m.group(1): m.group(2).strip() for m in pairs if m}
     if not re.match(r"^a\s*\)", last_line):
         return {}
+    # Each option's text runs from its "x )" to the comma before the next option's.
+    starts = list(_OPTION_START_RE.finditer(last_line))
+    ends = [m.start() for m in starts[1:]] + [len(last_line)]
     options = {}
-    for letter, text in _OPTION_RE.findall(last_line):
-        options.setdefault(letter, text.strip())
+    for m, end in zip(starts, ends):
+        options.setdefault(m.group(1), last_line[m.end():end].strip())
     return options
 
 

@@ -4,13 +4,14 @@ A P-CoT sample is a program whose ``solution()`` returns the answer. Programs wr
 hostile input, so they never run in this process. A `ProgramSandbox` owns N worker processes
 (``_sandbox_worker.py``: small, single-threaded, started clean with ``python -I`` and a scrubbed
 environment, because this host may be a big multithreaded Ray actor that must never fork itself).
-For each program a worker forks a fresh child, confines it (rlimits, uid nobody, Landlock, seccomp,
-an audit hook: see the worker's docstring) and reports one `ExecResult`.
+For each program a worker forks a fresh child, confines the child (a private tmpfs and IPC namespace,
+rlimits, uid nobody, Landlock, a seccomp allow-list, no ctypes, an audit hook: see the worker's
+docstring) and reports one `ExecResult`.
 
 Host side: every worker belongs to one thread at a time (a queue of idle workers); `run_many`
 spreads programs over all of them. Every read from a worker has a deadline (the program's timeout
 plus a margin); a worker that dies or hangs is killed and replaced, and only the program it was
-running is charged for it.
+running is charged for it. Killing a worker kills its whole session: the program it runs too.
 
     with ProgramSandbox(num_workers=4) as sandbox:
         results = sandbox.run_many(programs)     # list[ExecResult], in input order
@@ -24,7 +25,6 @@ import math
 import os
 import queue
 import select
-import shutil
 import signal
 import struct
 import subprocess
@@ -36,6 +36,8 @@ import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional, Sequence
+
+from rewards._sandbox_worker import remove_tree
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,7 @@ class SandboxLimits:
     memory_mb: int = 1024        # RLIMIT_AS
     output_bytes: int = 1 << 16  # cap on what the program may print (RLIMIT_FSIZE on a private file)
     max_open_files: int = 64
+    scratch_mb: int = 8          # the program's only writable space: a private tmpfs of this size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +78,21 @@ class _WorkerFailure(Exception):
         self.delivered = delivered
 
 
+def _kill_session(sid: int) -> None:
+    """SIGKILL every process in session `sid`. A program stays in its worker's session (seccomp
+    refuses setsid), so this ends it even if it lost its parent-death signal."""
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                fields = f.read().rpartition(b")")[2].split()   # state ppid pgrp session ...
+            if int(fields[3]) == sid:
+                os.kill(int(entry.name), signal.SIGKILL)
+        except (OSError, IndexError, ValueError):
+            pass
+
+
 def _wait(poller: select.poll, deadline: float, what: str) -> None:
     remaining = deadline - time.monotonic()
     if remaining <= 0 or not poller.poll(math.ceil(remaining * 1000)):
@@ -86,7 +104,8 @@ class _Worker:
 
     def __init__(self, limits: SandboxLimits, tmp_root: str):
         config = {"memory_mb": limits.memory_mb, "output_bytes": limits.output_bytes,
-                  "max_open_files": limits.max_open_files, "tmp_root": tmp_root}
+                  "max_open_files": limits.max_open_files, "scratch_mb": limits.scratch_mb,
+                  "tmp_root": tmp_root}
         self.proc = subprocess.Popen(
             [sys.executable, "-I", _WORKER_SCRIPT, json.dumps(config)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=_WORKER_ENV,
@@ -119,13 +138,14 @@ class _Worker:
                           seconds=float(reply.get("seconds", 0.0)))
 
     def kill(self) -> None:
-        """SIGKILL the worker (its children die with it: parent-death signal) and reap it.
-        Safe from any thread; the pipes stay open for the thread that owns the worker."""
-        if self.proc.poll() is None:
+        """SIGKILL the worker and every process of its session (the program it runs), and reap
+        it. Safe from any thread; the pipes stay open for the thread that owns the worker."""
+        if self.proc.returncode is None:    # not reaped, so its pid (the session id) is still its own
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+            _kill_session(self.proc.pid)
         self.proc.wait()
 
     def dispose(self) -> None:
@@ -197,7 +217,7 @@ def _shutdown(workers: set, executor: ThreadPoolExecutor, tmp_root: str) -> None
     for worker in list(workers):
         worker.kill()
     executor.shutdown(wait=False, cancel_futures=True)
-    shutil.rmtree(tmp_root, ignore_errors=True)
+    remove_tree(tmp_root)          # depth-safe, never raises
 
 
 class ProgramSandbox:

@@ -1,7 +1,10 @@
 """The reward audit, on the synthetic task and (when present) on the real gold data."""
 import json
+import os
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -69,9 +72,9 @@ def test_audit_real_svamp_programs(data_dir, scorer):
     assert row.perturbed_extracted == row.perturbed
 
 
-def _reft(*args, stdin=""):
+def _reft(*args, stdin="", pass_fds=()):
     return subprocess.run([sys.executable, "-m", "experiments.cli", *args], input=stdin, capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=120, pass_fds=pass_fds)
 
 
 def test_cli_reward_ncot_and_pcot():
@@ -84,6 +87,54 @@ def test_cli_reward_ncot_and_pcot():
                 stdin="def solution():\n    while True:\n        pass\n")
     assert json.loads(out.stdout) | {"detail": ""} == {"reward": 0.0, "answer": None, "status": "timeout",
                                                         "correct": False, "detail": ""}
+
+
+# Looks for the gold answer in every process's command line (`reft reward --gold X` puts it there).
+GOLD_FROM_PROC = """
+def solution():
+    import os
+    for pid in os.listdir("/proc"):
+        try:
+            words = open(f"/proc/{pid}/cmdline").read().split("\\0")
+        except OSError:
+            continue
+        if "--gold" in words:
+            return words[words.index("--gold") + 1]
+"""
+
+
+def test_cli_reward_gold_from_a_private_descriptor():
+    read_fd, write_fd = os.pipe()
+    os.write(write_fd, b"208\n")
+    os.close(write_fd)
+    try:
+        out = _reft("reward", "--kind", "pcot", "--gold-fd", str(read_fd), pass_fds=(read_fd,),
+                    stdin="def solution():\n    return 344 - 136\n")
+    finally:
+        os.close(read_fd)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["reward"] == 1.0
+    # --gold stays public to the machine, but not to the sandboxed program.
+    out = _reft("reward", "--kind", "pcot", "--gold", "208", stdin=GOLD_FROM_PROC)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["reward"] < 1.0, out.stdout
+    # Bad input: a clear error, no traceback.
+    for args in (["--gold-fd", "97"], ["--gold", "seven"]):
+        out = _reft("reward", "--kind", "ncot", *args, stdin="Therefore, the answer is: 7\n")
+        assert out.returncode == 2 and "reft reward: error:" in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_cli_reward_answers_json_after_a_deep_directory_chain():
+    """A program that leaves a ~1,100-deep chain of directories and files: the cleanup neither
+    raises nor leaves anything, and the command still prints its JSON."""
+    before = set(Path(tempfile.gettempdir()).glob("reft-sandbox-*"))
+    program = ("def solution():\n    import os\n    path = 'd'\n    for i in range(1100):\n"
+               "        os.mkdir(path)\n        open(path + '/f', 'w').write('x')\n        path += '/d'\n"
+               "    return 208\n")
+    out = _reft("reward", "--kind", "pcot", "--gold", "208", stdin=program)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["status"] in ("ok", "error")    # error: its tmpfs ran out of inodes
+    assert set(Path(tempfile.gettempdir()).glob("reft-sandbox-*")) == before
 
 
 @pytest.mark.slow

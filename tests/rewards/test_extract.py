@@ -1,4 +1,6 @@
 """Answer extraction and comparison: tables of cases, incl. the traps that ruin peer runs."""
+import time
+
 import pytest
 
 from rewards.extract import (
@@ -71,7 +73,7 @@ def test_numbers_equal_tolerance_is_the_papers():
 
 @pytest.mark.parametrize("text, letter", [
     ("c", "c"), ("C", "c"), ("(c)", "c"), ("c )", "c"), ("c ) 30", "c"), ("e.", "e"), ("f", None), ("30", None),
-    ("cat", None),
+    ("cat", None), ("( c )", "c"), ("c : 30", "c"), ("c x", None), ("(", None), ("", None),
 ])
 def test_mcq_letter(text, letter):
     assert parse_mcq_letter(text) == letter
@@ -93,3 +95,33 @@ def test_mcq_options_list_dialect():
     q = "what is the value ?\n['a ) 15 ohms', 'b ) 15 / 8 ohms', 'c ) 1 / 8 ohms', 'd ) 8 / 15 ohms', 'e ) 8 ohms']"
     assert parse_mcq_options(q) == {"a": "15 ohms", "b": "15 / 8 ohms", "c": "1 / 8 ohms", "d": "8 / 15 ohms",
                                     "e": "8 ohms"}
+
+
+def test_mcq_options_with_commas_inside_an_option():
+    assert parse_mcq_options("q ?\na ) 5 , 6 , b ) 7 , c ) , d ) x c ) y , e ) 9") == {
+        "a": "5 , 6", "b": "7", "c": "", "d": "x c ) y", "e": "9"}
+
+
+# Long runs of whitespace, digits or separators: what a model can write after the answer trigger.
+# The MathQA letter regex these replace took 5 s on the first one.
+HOSTILE_ANSWERS = [
+    "a" + " " * 16000 + "x",
+    "(" + " " * 16000 + "a" + " " * 16000 + "x",
+    "1" + " " * 16000 + "1" + " " * 16000 + "x",
+    "1," * 16000 + "x",
+    "1" * 16000 + "x",
+    "a ) " + " " * 16000 + "x",
+    "a )" + ", " * 8000 + "x",
+]
+
+
+@pytest.mark.parametrize("text", HOSTILE_ANSWERS, ids=range(len(HOSTILE_ANSWERS)))
+def test_answer_parsing_is_linear_on_hostile_text(text):
+    from rewards.score import score_ncot
+    start = time.perf_counter()
+    letter = "a" if text.startswith("a )") else None       # "a ) <anything>" is option a
+    assert parse_mcq_letter(text) == letter and parse_number(text) is None
+    parse_mcq_options(text)
+    assert score_ncot("Therefore, the answer is: " + text, "a", "mathqa").correct == (letter == "a")
+    assert score_ncot("Therefore, the answer is: " + text, "1", "gsm8k").reward == 0.0
+    assert time.perf_counter() - start < 0.25     # linear: ~1 ms; the old regex: seconds
