@@ -360,7 +360,7 @@ class WeightSync(abc.ABC):
         holding exactly ``state_dict`` (the learner's own policy), for the probe (``hf_probe``)."""
         tensors = self.spec.ordered(state_dict)
         checksums = {name: tensor_checksum(t) for name, t in tensors} if self.cfg.checks_checksums else None
-        probe = hf_probe(self.spec, tensors, self.cfg.probe_tokens, model) if self.cfg.checks_probe else None
+        probe = hf_probe(self.spec, tensors, self.cfg.probe_tokens, model) if self.cfg.probes(version) else None
         specs = tuple(TensorSpec(name, str(t.dtype).removeprefix("torch."), tuple(t.shape)) for name, t in tensors)
         location = self._put(tensors, version)
         return WeightHandle(version=version, transport=self.transport, tensors=specs, checksums=checksums,

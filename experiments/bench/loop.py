@@ -112,15 +112,27 @@ def actor_pids() -> dict[str, int]:
 
 
 class Recorder:
-    """Wraps a recipe's ``Learn``: keeps the last step's samples (for the floors and token counts)."""
+    """Wraps a recipe's ``Learn``: keeps the last step's samples (for the floors and token counts)
+    and, once ``pids`` is set, the CPU seconds each actor uses while the learner trains (an idle
+    engine that spins competes with the learner for the cores)."""
 
     def __init__(self, learn):
         self.learn, self.samples = learn, []
         self.with_reference, self.with_critic = learn.with_reference, learn.with_critic
+        self.pids: dict[str, int] = {}
+        self.cpu_during = {}
+        self.seconds = 0.0
 
     def __call__(self, trainer, indices, samples, scores):
         self.samples = list(samples)
-        return self.learn(trainer, indices, samples, scores)
+        before = {name: cpu_s(pid) for name, pid in self.pids.items()}
+        start = time.perf_counter()
+        try:
+            return self.learn(trainer, indices, samples, scores)
+        finally:
+            self.seconds += time.perf_counter() - start
+            for name, pid in self.pids.items():
+                self.cpu_during[name] = self.cpu_during.get(name, 0.0) + cpu_s(pid) - before[name]
 
 
 def run_once(args) -> dict:
@@ -164,6 +176,7 @@ def run_once(args) -> dict:
                 before = trainer.learners.run(LearnerWorker.stats)[0]["busy_s"]
                 pids = actor_pids()
                 cpu_before = {name: cpu_s(pid) for name, pid in pids.items()}
+                recorder["learn"].pids = pids
                 ours_before, machine_before = cpu_s(os.getpid()), machine_busy_s()
                 t0 = time.perf_counter()
             t = time.perf_counter()
@@ -180,6 +193,8 @@ def run_once(args) -> dict:
         # shows here), and the machine's besides this run's (another job skews every figure).
         out["cpu_pct"] = {name: round(100.0 * (cpu_s(pid) - cpu_before[name]) / wall)
                           for name, pid in pids.items() if name in cpu_before}
+        learn = recorder["learn"]
+        out["cpu_pct_learner_phase"] = {name: round(100.0 * v / learn.seconds) for name, v in learn.cpu_during.items()}
         ours = cpu_s(os.getpid()) - ours_before
         out["foreign_cpu_pct"] = round(100.0 * max(0.0, machine_busy_s() - machine_before - ours) / wall)
         stats = trainer.learners.run(LearnerWorker.stats)[0]
@@ -415,6 +430,7 @@ def describe(r: dict) -> str:
         "peak RSS MiB: " + ", ".join(f"{k} {v:.0f}" for k, v in r["peak_rss_mib"].items()),
         "CPU % over the RL steps (100 = one core): " + ", ".join(f"{k} {v}" for k, v in r["cpu_pct"].items())
         + f"; other processes on the machine {r['foreign_cpu_pct']} (should be ~0)",
+        "CPU % while the learner trains: " + ", ".join(f"{k} {v}" for k, v in r["cpu_pct_learner_phase"].items()),
     ]
     return "\n".join(lines)
 

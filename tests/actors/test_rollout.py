@@ -61,8 +61,9 @@ def tokenizer(model_dir):
 
 @pytest.fixture(scope="module")
 def cfg(model_dir):
+    # probe_every=1: every sync of these tests is probed (what they check is the probe's verdict)
     return RolloutConfig(model=model_dir, max_model_len=512, num_actors=2, start_timeout_s=300,
-                         call_timeout_s=60, sync_timeout_s=120)
+                         call_timeout_s=60, sync_timeout_s=120, probe_every=1)
 
 
 @pytest.fixture(scope="module")
@@ -354,7 +355,7 @@ def test_hf_fallback_is_loud_and_serves_with_verified_syncs(model_dir, tokenizer
     """No vLLM (import made to fail): the actor logic (gate, outbox, poll, update with checksum
     and probe verification) on the HF engine, without Ray, in this process."""
     monkeypatch.setitem(sys.modules, "vllm", None)   # `import vllm` now raises ImportError
-    cfg = RolloutConfig(model=model_dir, max_model_len=512, sync_dir=str(tmp_path))
+    cfg = RolloutConfig(model=model_dir, max_model_len=512, sync_dir=str(tmp_path), probe_every=1)
     policy = Policy(model_dir)
 
     async def scenario():

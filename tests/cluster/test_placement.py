@@ -115,3 +115,13 @@ def test_sleep_mode_settings():
         assert RolloutConfig(model="m", enable_sleep_mode=wanted).resolved_sleep_mode(on_gpu=False) is False
     assert RolloutConfig(model="m", enable_sleep_mode=True).resolved_sleep_mode(on_gpu=True) is True
     assert RolloutConfig(model="m").resolved_sleep_mode(on_gpu=True) is False   # a fleet on its own
+
+
+def test_probe_every_keeps_the_first_version_and_every_nth():
+    from actors.config import RolloutConfig
+    cfg = RolloutConfig(model="m", probe_every=10)
+    assert [v for v in range(1, 32) if cfg.probes(v)] == [1, 11, 21, 31]
+    assert all(RolloutConfig(model="m", probe_every=1).probes(v) for v in range(1, 5))
+    assert not any(RolloutConfig(model="m", verify="checksum").probes(v) for v in range(1, 5))
+    with pytest.raises(ValueError, match="rollout.probe_every"):
+        RolloutConfig(model="m", probe_every=0)

@@ -288,10 +288,10 @@ def test_publish_exports_once_per_version_and_hands_out_a_small_handle(worker, m
     before = worker.stats()["exports"]
     worker.open_weight_sync(RolloutConfig(model=model_dir, sync="shm", sync_dir=str(tmp_path / "shm")))
     try:
-        handle = worker.publish_weights(7)
+        handle = worker.publish_weights(11)   # probe_every 10: versions 1, 11, 21... carry the probe
         worker.save_policy(str(tmp_path / "policy"))
         assert worker.stats()["exports"] == before + 1   # the sync and the checkpoint share one export
-        assert isinstance(handle, WeightHandle) and handle.version == 7 and handle.probe is not None
+        assert isinstance(handle, WeightHandle) and handle.version == 11 and handle.probe is not None
         weights_bytes = sum(t.numel() * t.element_size() for t in worker.export_weights().values())
         handle_bytes = len(pickle.dumps(handle))
         print(f"\nhandle {handle_bytes} bytes for {weights_bytes} bytes of weights")
