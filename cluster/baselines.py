@@ -86,7 +86,8 @@ def run_sft_stage(cfg: RunConfig, base_model: str, run_dir: Path, train: list[Ex
     metrics = MetricsLogger(stage_dir)
     metrics.write(0, record)
     metrics.close()
-    result = train_sft(stage_config(cfg, start, fresh), run_dir, data, test, phase="rl", epoch_key="rl/epoch")
+    result = train_sft(stage_config(cfg, start, fresh), run_dir, data, test, phase="rl", epoch_key="rl/epoch",
+                       max_seconds=cfg.rl.max_seconds)
     return [{"step": 0, **record}] + [r for r in result.history if "eval/test_accuracy" in r]
 
 

@@ -68,6 +68,10 @@ class SFTConfig:
     """Greedy accuracy on held-out problems every N epochs (0 = only at the end)."""
     eval_max_new_tokens: int = 300
     """Generation budget at evaluation; the paper's RL max length is 700 tokens with the prompt."""
+    max_seconds: Optional[float] = None
+    """Training-time budget of the warm-up in seconds (steps only: not start-up, checkpoints or
+    evaluations); the epoch in progress is checkpointed and evaluated. None = all epochs. For
+    equal-time comparisons with another trainer."""
 
     def __post_init__(self):
         for key in ("epochs", "batch_size", "max_length", "eval_max_new_tokens"):
@@ -77,6 +81,8 @@ class SFTConfig:
             raise ValueError(f"sft.lr_schedule must be one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if not self.lr > 0:
             raise ValueError(f"sft.lr must be > 0, got {self.lr}")
+        if self.max_seconds is not None and not self.max_seconds > 0:
+            raise ValueError(f"sft.max_seconds must be > 0 or null, got {self.max_seconds}")
 
 
 OFFLINE_INITS = ("base", "warmup")
@@ -124,6 +130,11 @@ class RLConfig:
     the learner's to ~1e-6 (docs/measurements.md §2), so that pass is saved; "auto" = "sampler"
     when the sampler and the learner both compute in fp32, else "learner" (bf16 kernels differ).
     A batch sampled one version behind (max_staleness 1) always takes the sampler's."""
+    max_seconds: Optional[float] = None
+    """Training-time budget of the RL stage in seconds (its steps: rollout, learner, sync; not
+    start-up or evaluations): the loop ends after the step that crosses it, with an evaluation
+    and a checkpoint. None = all rl.epochs. For the SFT baselines (sft, offline_st), their SFT's
+    budget."""
     logprob_check_every: int = 10
     """Where the sampler's log-probs stand in: every N steps the learner computes its own anyway
     and logs rl/sampler_logprob_gap, the train/inference mismatch (a broken sync also fails the
@@ -157,6 +168,8 @@ class RLConfig:
             raise ValueError(f"rl.kl_coef must be >= 0, got {self.kl_coef}")
         if self.old_logprobs not in OLD_LOGPROBS:
             raise ValueError(f"rl.old_logprobs must be one of {list(OLD_LOGPROBS)}, got {self.old_logprobs!r}")
+        if self.max_seconds is not None and not self.max_seconds > 0:
+            raise ValueError(f"rl.max_seconds must be > 0 or null, got {self.max_seconds}")
         if self.logprob_check_every < 0:
             raise ValueError(f"rl.logprob_check_every must be >= 0, got {self.logprob_check_every}")
         if self.max_staleness not in (0, 1):
@@ -194,6 +207,9 @@ class ClusterConfig:
     group pending forever; an autoscaling cluster may take minutes to add GPU nodes)."""
     dashboard: bool = True
     """Start the Ray dashboard (127.0.0.1:8265) with a local cluster."""
+    verbose: bool = False
+    """Engine logs on the console: Ray forwards every actor's output (vLLM, DeepSpeed) and every
+    log record is shown. Off: they go to <run_dir>/logs (``cluster.console``); `--verbose` sets it."""
     call_timeout_s: float = 1800.0
     """Longest a learner call may take before the run fails (no call ever waits forever)."""
 

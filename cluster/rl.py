@@ -43,7 +43,8 @@ from cluster.config import RunConfig
 from cluster.config_io import dump_yaml
 from cluster.evaluate import FleetEvaluator
 from cluster.experience import add_advantages, samples_to_batch
-from cluster.metrics import MetricsLogger, progress, summary_line
+from cluster.console import CONSOLE, PhaseBar
+from cluster.metrics import MetricsLogger, summary_line
 from cluster.placement import place
 from cluster.schedule import TrainState, next_questions, peek_questions
 from cluster.sft import start_learners
@@ -234,6 +235,7 @@ class RLTrainer:
         record = {"eval/test_accuracy": test.accuracy, "eval/test_answered": test.answered,
                   "eval/train_accuracy": train.accuracy}
         self.metrics.write(self.state.step, record)
+        logger.info("rl (%s) eval %s", self.cfg.rl.algorithm, summary_line(self.state.step, record), extra=CONSOLE)
         return record
 
     # ---------------------------------------------------------------- checkpoints
@@ -290,33 +292,36 @@ def total_steps(cfg: RunConfig, n_train: int) -> int:
 
 
 def run_rl(cfg: RunConfig, warmup: str, run_dir: Path, train: list[Example], test: list[Example],
-           learn: Callable[[RLTrainer], Learn], resume: Optional[Path] = None,
-           max_seconds: Optional[float] = None) -> list[dict]:
-    """The RL loop; returns the evaluation records. ``max_seconds`` stops it early (wall budget)."""
+           learn: Callable[[RLTrainer], Learn], resume: Optional[Path] = None) -> list[dict]:
+    """The RL loop; returns the evaluation records. Ends after rl.epochs, or after the step
+    whose training time crosses rl.max_seconds."""
     trainer = RLTrainer(cfg, warmup, run_dir, train, test, learn)
     history = []
     try:
         if resume is not None:
             trainer.load(resume)
-        steps = trainer.total_steps
-        start = time.perf_counter()
+        steps, budget = trainer.total_steps, cfg.rl.max_seconds
         if trainer.state.step == 0:
             history.append({"step": 0, **trainer.evaluate_and_log()})
-        bar = progress(total=steps, initial=trainer.state.step, desc=f"rl ({cfg.rl.algorithm})", unit="step")
-        while trainer.state.step < steps:
-            metrics = trainer.step()
-            trainer.metrics.write(trainer.state.step, metrics)
-            bar.update(1)
-            bar.set_postfix(reward=f"{metrics['rl/reward_mean']:.3f}", acc=f"{metrics['rl/train_accuracy']:.0f}")
-            logger.info("rl %s", summary_line(trainer.state.step, metrics, SUMMARY_KEYS))
-            done = trainer.state.step == steps or (max_seconds and time.perf_counter() - start > max_seconds)
-            if trainer.state.step % cfg.rl.eval_every == 0 or done:
-                history.append({"step": trainer.state.step, **trainer.evaluate_and_log()})
-            if trainer.state.step % cfg.rl.checkpoint_every == 0 or done:
-                trainer.save()
-            if done:
-                break
-        bar.close()
+        bar = PhaseBar(f"rl ({cfg.rl.algorithm})", steps, budget, initial=trainer.state.step)
+        trained_s = 0.0
+        try:
+            while trainer.state.step < steps:
+                metrics = trainer.step()
+                trainer.metrics.write(trainer.state.step, metrics)
+                trained_s += sum(metrics[k] for k in ("timing/rollout_s", "timing/learner_s", "timing/sync_s"))
+                bar.advance(trained_s, reward=f"{metrics['rl/reward_mean']:.3f}",
+                            acc=f"{metrics['rl/train_accuracy']:.0f}")
+                logger.info("rl %s", summary_line(trainer.state.step, metrics, SUMMARY_KEYS))
+                done = trainer.state.step == steps or (budget is not None and trained_s >= budget)
+                if trainer.state.step % cfg.rl.eval_every == 0 or done:
+                    history.append({"step": trainer.state.step, **trainer.evaluate_and_log()})
+                if trainer.state.step % cfg.rl.checkpoint_every == 0 or done:
+                    trainer.save()
+                if done:
+                    break
+        finally:
+            bar.close()
     finally:
         trainer.close()
     return history

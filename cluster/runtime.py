@@ -8,6 +8,7 @@ from pathlib import Path
 
 from actors.config import RAY_NAMESPACE
 from cluster.config import TINY, RunConfig
+from cluster.console import attach_run_log, link_ray_logs
 from cluster.config_io import dump_yaml
 from formats.records import Example
 from tasks.datasets import load_dataset
@@ -28,15 +29,21 @@ def init_ray(cfg: RunConfig) -> None:
     if ray.is_initialized():
         return
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    # The actors' output (vLLM's engine logs, DeepSpeed's, transformers') stays in the Ray
+    # session's log files, linked from the run directory (``cluster.console``); cluster.verbose
+    # forwards it to the console as well.
+    verbose = cfg.cluster.verbose
     if address:
-        ray.init(address=address, namespace=RAY_NAMESPACE, log_to_driver=True)
+        ray.init(address=address, namespace=RAY_NAMESPACE, log_to_driver=verbose)
     else:
         # No RAY_AUTH_MODE set here: Ray reads it at import, and its default for a new local
         # cluster is token auth, set up in-process. address="local": a cluster of our own, never
         # a `ray start` head that happens to run here (plain ray.init() would join it).
         ray.init(address="local", namespace=RAY_NAMESPACE, include_dashboard=cfg.cluster.dashboard,
-                 dashboard_host="127.0.0.1", log_to_driver=True)
+                 dashboard_host="127.0.0.1", log_to_driver=verbose, logging_level=logging.WARNING)
     logger.info("ray: %s", ray.get_runtime_context().gcs_address)
+    if cfg.run_dir.is_dir():
+        link_ray_logs(cfg.run_dir)
 
 
 def load_splits(cfg: RunConfig) -> tuple[list[Example], list[Example]]:
@@ -68,7 +75,9 @@ def prepare_model(cfg: RunConfig, run_dir: Path) -> RunConfig:
 
 
 def make_run_dir(cfg: RunConfig) -> Path:
+    """The run directory with the resolved config and the driver's log file (``logs/driver.log``)."""
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_yaml(cfg, run_dir / "config.yaml")
+    attach_run_log(run_dir)
     return run_dir

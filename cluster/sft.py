@@ -21,7 +21,8 @@ from typing import Optional
 from cluster.actor_group import ActorGroup
 from cluster.config import RunConfig
 from cluster.evaluate import HFEvaluator
-from cluster.metrics import MetricsLogger, progress, summary_line
+from cluster.console import CONSOLE, PhaseBar
+from cluster.metrics import MetricsLogger, summary_line
 from cluster.placement import Placement, place
 from cluster.runtime import init_ray, load_splits, make_run_dir, prepare_model
 from formats.hf import load_tokenizer
@@ -60,7 +61,7 @@ def run_sft(cfg: RunConfig) -> SFTResult:
     run_dir = make_run_dir(cfg)
     cfg = prepare_model(cfg, run_dir)
     train, test = load_splits(cfg)
-    return train_sft(cfg, run_dir, train, test)
+    return train_sft(cfg, run_dir, train, test, max_seconds=cfg.sft.max_seconds)
 
 
 def train_sft(cfg: RunConfig, run_dir: Path, train: list[Example], test: list[Example], phase: str = "sft",
@@ -98,14 +99,13 @@ def train_sft(cfg: RunConfig, run_dir: Path, train: list[Example], test: list[Ex
     result = SFTResult([], [])
     rng = random.Random(cfg.seed)
     step, trained_s, out_of_time = 0, 0.0, False
+    bar = PhaseBar(phase, total_steps, max_seconds)
     try:
         for epoch in range(1, cfg.sft.epochs + 1):
             # 3. one epoch over the shuffled training set
             order = kept[:]
             rng.shuffle(order)
             start, losses, tokens = time.perf_counter(), [], 0
-            desc = f"{phase} epoch {epoch}" + ("" if max_seconds is not None else f"/{cfg.sft.epochs}")
-            bar = progress(total=steps_per_epoch, desc=desc, unit="step")
             for i in range(steps_per_epoch):
                 rows = order[i * cfg.sft.batch_size:(i + 1) * cfg.sft.batch_size]
                 batch = collate([items[r] for r in rows], tokenizer.pad_token_id, cfg.sft.max_length)
@@ -113,13 +113,11 @@ def train_sft(cfg: RunConfig, run_dir: Path, train: list[Example], test: list[Ex
                 step += 1
                 losses.append(out["loss"])
                 tokens += int(batch["attention_mask"].sum())
-                bar.update(1)
-                bar.set_postfix(loss=f"{out['loss']:.3f}")
+                bar.advance(trained_s + time.perf_counter() - start, epoch=epoch, loss=f"{out['loss']:.3f}")
                 metrics.write(step, {"sft/loss": out["loss"], "sft/grad_norm": out["grad_norm"], "sft/lr": out["lr"]})
                 if max_seconds is not None and trained_s + time.perf_counter() - start >= max_seconds:
                     out_of_time = True
                     break
-            bar.close()
             seconds = time.perf_counter() - start
             trained_s += seconds
 
@@ -137,10 +135,11 @@ def train_sft(cfg: RunConfig, run_dir: Path, train: list[Example], test: list[Ex
                                "eval/test_answered": test_eval.answered})
             metrics.write(step, record)
             result.history.append(record)
-            logger.info("%s %s", phase, summary_line(step, record))
+            logger.info("%s %s", phase, summary_line(step, record), extra=CONSOLE if "eval/test_accuracy" in record else {})
             if out_of_time:
                 break
     finally:
+        bar.close()
         metrics.close()
         if evaluator is not None:
             evaluator.close()

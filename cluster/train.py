@@ -53,7 +53,7 @@ def run_train(cfg: RunConfig, resume: bool = False) -> dict:
         if resume and len(done) == cfg.sft.epochs:
             warmup = str(done[-1])
         else:
-            warmup = str(train_sft(cfg, run_dir, train, test).checkpoints[-1])
+            warmup = str(train_sft(cfg, run_dir, train, test, max_seconds=cfg.sft.max_seconds).checkpoints[-1])
     warm_cfg = dataclasses.replace(cfg, learner=dataclasses.replace(cfg.learner, model=warmup))
 
     # 2. from the warm-up: the recipe (reinforcement learning, or one of the paper's SFT baselines)

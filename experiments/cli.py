@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -244,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sft", help="SFT warm-up alone: per-epoch HF checkpoints and greedy accuracy")
     p.add_argument("--config", type=Path, default=None, help="YAML run config (default: experiments/configs/tiny.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sft.epochs=3 learner.zero_stage=3")
+    p.add_argument("--verbose", action="store_true",
+                   help="engine logs (vLLM, DeepSpeed, Ray) on the console too (= cluster.verbose=true)")
     p.set_defaults(func=cmd_sft)
 
     p = sub.add_parser("train", help="the ReFT pipeline: SFT warm-up, RL on Ray (vLLM samplers, DeepSpeed learner), evaluation")
@@ -251,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", type=Path, default=None, help="continue the run in this directory from its last checkpoint")
     p.add_argument("--dry-run", action="store_true", help="print the placement plan and the resolved config; start nothing")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rl.questions_per_step=16 rollout.num_actors=2")
+    p.add_argument("--verbose", action="store_true",
+                   help="engine logs (vLLM, DeepSpeed, Ray) on the console too (= cluster.verbose=true)")
     p.set_defaults(func=cmd_train)
 
     def sampling_options(p, samples_help: str):
@@ -264,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", type=Path, default=None,
                        help="run config (default: config.yaml in the checkpoint or its two parent directories)")
         p.add_argument("overrides", nargs="*", help="dotted overrides of the run config, e.g. rollout.num_actors=2")
+        p.add_argument("--verbose", action="store_true",
+                       help="engine logs (vLLM, DeepSpeed, Ray) on the console too (= cluster.verbose=true)")
 
     p = sub.add_parser("eval", help="greedy top-1, majority voting and pass@k over K samples, reranking (vLLM + reward actor)")
     sampling_options(p, "samples per question for voting and pass@k (paper: 100)")
@@ -293,8 +298,13 @@ def main(argv=None) -> int:
     from cluster.config_io import ConfigError
     from tasks.datasets import DatasetError
 
+    from cluster.console import setup_console
+
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    verbose = getattr(args, "verbose", False)
+    setup_console(verbose)   # the console: progress bars, evaluations, the table; the rest goes to <run>/logs
+    if verbose:
+        args.overrides.append("cluster.verbose=true")
     try:
         return args.func(args)
     except (DatasetError, ConfigError, FileNotFoundError, GoldInputError) as e:
