@@ -368,6 +368,13 @@ class RolloutWorker:
             self.engine = _HFEngine(self.cfg)
         else:
             self.engine = _VllmEngine(self.cfg, on_gpu)
+            spin = self.cfg.resolved_idle_spin(on_gpu)
+            if spin is not None:
+                changed = await self.engine.call_workers("reft_set_idle_spin", {"seconds": spin},
+                                                         self.cfg.call_timeout_s)
+                if not all(changed):
+                    logger.warning("%s: vLLM's worker input queue not found; its idle busy-poll stays at "
+                                   "vLLM's default (rollout.idle_spin_s has no effect)", self.name)
         self._gate.set()
         return await self.health()
 

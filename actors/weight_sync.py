@@ -83,6 +83,7 @@ import shutil
 import socket
 import threading
 import time
+import types
 import uuid
 import weakref
 from pathlib import Path
@@ -447,10 +448,19 @@ class RemoteSender:
     holds this in place of a local ``WeightSync``: it never sees the tensors, only the handles
     ``LearnerWorker.publish_weights`` returns, and forwards what the push transports need
     (``attach`` / ``transmit``) to the actor; for the pull transports (shm, object store) those are
-    no-ops there. Every call has a deadline."""
+    no-ops there. Every call has a deadline.
+
+    ``actor``: the learner rank-0 actor, or a function returning it (called at the first call
+    that needs it: the driver may start the fleet while the learner is still starting)."""
 
     def __init__(self, actor, transport: str, timeout_s: float):
-        self.actor, self.transport, self.timeout_s = actor, transport, timeout_s
+        self._actor, self.transport, self.timeout_s = actor, transport, timeout_s
+
+    @property
+    def actor(self):
+        if isinstance(self._actor, types.FunctionType):   # (an actor handle answers every attribute)
+            self._actor = self._actor()
+        return self._actor
 
     def publish(self, state_dict, version):
         raise TypeError("weights are published by learner rank 0 (LearnerWorker.publish_weights), not by the driver")
@@ -808,6 +818,20 @@ class VllmWorkerExtension:
     weight repacking, fused qkv/gate_up packing) as its tensors arrive, so it works where a bare
     ``model.load_weights`` does not (CPU) and holds at most a layer's tensors at a time.
     """
+
+    def reft_set_idle_spin(self, seconds: float) -> int:
+        """How long this worker busy-polls its input queue after a message before it sleeps on a
+        notification. vLLM 0.32 hard-codes 1 s (``shm_broadcast.SpinCondition.busy_loop_s``): on a
+        CPU machine that is a whole core taken from the learner for a second after every
+        generation (docs/measurements.md §3). Sets it on every reader queue of this process;
+        returns how many it changed (0 means vLLM changed its internals: the caller warns)."""
+        import gc
+
+        from vllm.distributed.device_communicators.shm_broadcast import SpinCondition
+        readers = [o for o in gc.get_objects() if isinstance(o, SpinCondition) and o.is_reader]
+        for reader in readers:
+            reader.busy_loop_s = seconds
+        return len(readers)
 
     def reft_join_group(self, backend: str, host: str, port: int, rank_offset: int, world_size: int,
                         timeout_s: float) -> int:

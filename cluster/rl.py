@@ -25,6 +25,7 @@ learner's.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import time
@@ -137,25 +138,43 @@ class RLTrainer:
         rollout_cfg = self.placement.plan.rollout_config(dataclasses.replace(cfg.rollout, model=warmup))
         self.learners = self.fleet = self.reward = None
         self.startup_s: dict[str, float] = {}   # seconds per component (the benchmark reports them)
-        try:
-            t = time.perf_counter()
-            self.learners = start_learners(cfg, learner_cfg, self.placement)                       # DeepSpeed ranks
+        start = time.perf_counter()
+
+        def start_learner_group():                                                                 # DeepSpeed ranks
+            group = start_learners(cfg, learner_cfg, self.placement)
             # Learner rank 0 publishes the weights; the fleet forwards the push transports' calls to it.
-            self.learners.run(LearnerWorker.open_weight_sync, rollout_cfg)
-            self.startup_s["learner"] = time.perf_counter() - t
-            t = time.perf_counter()
-            sender = RemoteSender(self.learners.actors[0], rollout_cfg.sync, cfg.cluster.call_timeout_s)
+            group.run(LearnerWorker.open_weight_sync, rollout_cfg)
+            self.startup_s["learner"] = time.perf_counter() - start
+            return group
+
+        # The learner ranks start while the engines do. A broadcast transport (nccl, gloo) joins each
+        # engine to the learner's group as soon as the engine is up: there the learner goes first.
+        pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="learner-start")
+        learners = pool.submit(start_learner_group)
+        try:
+            if rollout_cfg.sync in ("nccl", "gloo"):
+                self.learners = learners.result()
+            sender = RemoteSender(lambda: learners.result().actors[0], rollout_cfg.sync, cfg.cluster.call_timeout_s)
             self.fleet = RolloutFleet(rollout_cfg, sync=sender,
                                       actor_options=lambda i: self.placement.options("rollout", i))
-            self.startup_s["rollout"] = time.perf_counter() - t
+            self.startup_s["rollout"] = time.perf_counter() - start
+            self.learners = learners.result()
             t = time.perf_counter()
             self.reward = launch_reward(cfg.reward, name="reward-0",                               # sandboxed scoring
                                         num_cpus=self.placement.options("reward")["num_cpus"])
             self.startup_s["reward"] = time.perf_counter() - t
         except BaseException:
+            try:
+                self.learners = learners.result()   # wait for it, so that it is stopped too
+            except BaseException:                   # noqa: BLE001 (ActorGroup kills its own ranks on failure)
+                pass
             self._stop_actors()
             raise
-        logger.info("rl start-up: %s", ", ".join(f"{k} {v:.1f} s" for k, v in self.startup_s.items()))
+        finally:
+            pool.shutdown(wait=False)
+        self.startup_s["total"] = time.perf_counter() - start
+        logger.info("rl start-up (learner and engines concurrently): %s",
+                    ", ".join(f"{k} {v:.1f} s" for k, v in self.startup_s.items()))
         self.evaluator = FleetEvaluator(cfg, self.tokenizer, self.fleet, self.reward)
         self.state = TrainState()
         self.total_steps = total_steps(cfg, len(train))

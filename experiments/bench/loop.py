@@ -168,12 +168,12 @@ def run_once(args) -> dict:
         return recorder["learn"]
 
     trainer = RLTrainer(cfg, warmup, run_dir, train, test, learn)
-    out["startup_s"].update(trainer.startup_s)
+    out["startup_s"].update(getattr(trainer, "startup_s", {}))   # (absent before the start-up breakdown)
     steps = []
     try:
         for i in range(args.skip + args.steps):
             if i == args.skip:
-                before = trainer.learners.run(LearnerWorker.stats)[0]["busy_s"]
+                before = trainer.learners.run(LearnerWorker.stats)[0].get("busy_s", {})
                 pids = actor_pids()
                 cpu_before = {name: cpu_s(pid) for name, pid in pids.items()}
                 recorder["learn"].pids = pids
@@ -198,8 +198,8 @@ def run_once(args) -> dict:
         ours = cpu_s(os.getpid()) - ours_before
         out["foreign_cpu_pct"] = round(100.0 * max(0.0, machine_busy_s() - machine_before - ours) / wall)
         stats = trainer.learners.run(LearnerWorker.stats)[0]
-        busy = {k: v - before.get(k, 0.0) for k, v in stats["busy_s"].items()}
-        out["learner_threads"] = stats["threads"]
+        busy = {k: v - before.get(k, 0.0) for k, v in stats.get("busy_s", {}).items()}
+        out["learner_threads"] = stats.get("threads", 1)   # (older learners: Ray's OMP_NUM_THREADS=1)
         out["peak_rss_mib"] = {"driver": peak_rss_mib(os.getpid(), children=False),
                                **{name: peak_rss_mib(pid) for name, pid in sorted(pids.items())}}
         last_samples = recorder["learn"].samples
@@ -227,6 +227,8 @@ def rl_figures(steps: list[dict], busy: dict, wall: float) -> dict:
     med = lambda key: statistics.median(s[key] for s in steps)  # noqa: E731
     total = lambda key: sum(s[key] for s in steps)  # noqa: E731
     learner_busy = (busy.get("score", 0.0) + busy.get("ppo_update", 0.0) + busy.get("sft_step", 0.0)) / n
+    if not busy:   # a learner that does not time itself: the driver's view of its calls
+        learner_busy = med("timing/learner_s")
     shares = {
         "rollout+scoring": total("timing/rollout_s"),
         "learner score (inside)": busy.get("score", 0.0),
@@ -262,24 +264,29 @@ def sft_batches(cfg, train, model_dir: str, count: int):
 def sft_steps(cfg, train, count: int) -> dict:
     """``count`` SFT steps on the learner group as ``cluster.sft.train_sft`` runs them (after 2
     unmeasured ones), from the warm-up checkpoint."""
+    from cluster import sft
     from cluster.placement import place
-    from cluster.sft import sft_learner_config, start_learners
     from learner.worker import LearnerWorker
 
     batches = sft_batches(cfg, train, cfg.learner.model, count + 2)
     placement = place(cfg)
     t = time.perf_counter()
-    group = start_learners(cfg, sft_learner_config(cfg, total_steps=count + 2), placement)
+    if hasattr(sft, "sft_learner_config"):
+        learner_cfg = sft.sft_learner_config(cfg, total_steps=count + 2)
+    else:   # before it existed: the SFT learner was the run's with the SFT optimiser settings
+        learner_cfg = dataclasses.replace(cfg.learner, with_reference=False, lr=cfg.sft.lr, total_steps=count + 2,
+                                          lr_schedule=cfg.sft.lr_schedule, warmup_ratio=cfg.sft.warmup_ratio)
+    group = sft.start_learners(cfg, learner_cfg, placement)
     startup = time.perf_counter() - t
     try:
         for batch in batches[:2]:
             group.run_sharded(LearnerWorker.sft_step, batch)
-        before = group.run(LearnerWorker.stats)[0]["busy_s"].get("sft_step", 0.0)
+        before = group.run(LearnerWorker.stats)[0].get("busy_s", {}).get("sft_step", 0.0)
         t = time.perf_counter()
         for batch in batches[2:]:
             group.run_sharded(LearnerWorker.sft_step, batch)
         wall = time.perf_counter() - t
-        busy = group.run(LearnerWorker.stats)[0]["busy_s"]["sft_step"] - before
+        busy = group.run(LearnerWorker.stats)[0].get("busy_s", {}).get("sft_step", wall) - before
     finally:
         group.kill()
         placement.remove()
@@ -303,7 +310,7 @@ def floors(cfg, recipe, warmup: str, samples, pad_id: int, train, threads: int, 
     # cannot stand for PPO's old policy (bf16); the critic's only where the estimator reads values.
     sampler_dtype = cfg.rollout.resolved_dtype(on_gpu=False)
     policy_forward = cfg.rl.max_staleness == 0 and not (cfg.learner.dtype == "fp32" and sampler_dtype == "float32")
-    value_head = cfg.learner.value_head if recipe.critic else "none"
+    value_head = cfg.learner.value_head if getattr(recipe, "critic", True) else "none"
     learner = statistics.median(learner_floor(cfg, warmup, batch, kl_coef, policy_forward, value_head)
                                 for _ in range(repeats))
     sft_batch = sft_batches(cfg, train, warmup, 1)[0]
@@ -339,8 +346,10 @@ def learner_floor(cfg, warmup: str, batch, kl_coef: float, policy_forward: bool,
         for mb in _micro(batch, lc.micro_batch_size):
             if policy_forward or (model.value_head is not None and model.critic is None):
                 model(mb["input_ids"], mb["attention_mask"])
-            elif model.value_head is not None:
-                model.values(mb["input_ids"], mb["attention_mask"])
+            elif model.value_head is not None:   # a separate critic: its backbone and head alone
+                hidden = model.critic(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"],
+                                      use_cache=False).last_hidden_state
+                model.value_head(hidden)
             if reference is not None:
                 reference(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"], use_cache=False)
     ppo = dict(batch, old_logprobs=batch["sampler_logprobs"], old_values=torch.zeros_like(batch["sampler_logprobs"]),
