@@ -118,7 +118,7 @@ class Recorder:
 
     def __init__(self, learn):
         self.learn, self.samples = learn, []
-        self.with_reference, self.with_critic = learn.with_reference, learn.with_critic
+        self.with_reference, self.with_critic = learn.with_reference, getattr(learn, "with_critic", True)
         self.pids: dict[str, int] = {}
         self.cpu_during = {}
         self.seconds = 0.0
