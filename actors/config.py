@@ -15,6 +15,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 SYNC_TRANSPORTS = ("shm", "object_store", "nccl", "gloo")
 AUTO_SYNC = "auto"   # rollout.sync in a run config: the run mode picks (cluster.placement)
 VERIFY_MODES = ("both", "checksum", "probe", "off")
+EXECUTORS = (None, "uni", "mp")
 # The Ray namespace of every actor a run starts (rollout-N, reward-0, learner-N): the dashboard
 # and ray.get_actor find them there.
 RAY_NAMESPACE = "reft"
@@ -62,6 +63,12 @@ class RolloutConfig:
     Generator does not use offset", in ``_bookkeeping_sync``) when a request with its own seed
     has its prefill split over two steps, which chunked prefill does as soon as a step's token
     budget fills up (a few dozen prompts at once). Without chunking, whole prompts only."""
+
+    executor: Optional[str] = None
+    """vLLM's executor (``distributed_executor_backend``). None = "uni" on CPU with one worker:
+    the model runs inside the engine core's process, one process and one shared-memory hop fewer
+    per decode step than vLLM's "mp" (32 x ~32 tokens: 0.33 vs 0.41 s, docs/measurements.md §4);
+    vLLM's own choice on GPU ("mp" when tensor_parallel_size > 1)."""
 
     idle_spin_s: Optional[float] = None
     """Seconds an engine's worker process busy-polls for the next step after the last one before
@@ -173,6 +180,7 @@ class RolloutConfig:
         check(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1")
         check(self.max_num_seqs is None or self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1 or None")
         check(self.idle_spin_s is None or self.idle_spin_s >= 0, "idle_spin_s", "must be >= 0 or None")
+        check(self.executor in EXECUTORS, "executor", f"must be one of {EXECUTORS}")
         check(self.num_actors >= 1, "num_actors", "must be >= 1")
         check(self.num_cpus_per_actor >= 0, "num_cpus_per_actor", "must be >= 0")
         check(self.num_gpus_per_actor is None or self.num_gpus_per_actor >= 0, "num_gpus_per_actor",
@@ -197,6 +205,12 @@ class RolloutConfig:
 
     def resolved_enforce_eager(self, on_gpu: bool) -> bool:
         return (not on_gpu) if self.enforce_eager is None else self.enforce_eager
+
+    def resolved_executor(self, on_gpu: bool) -> Optional[str]:
+        """vLLM's executor on this device; None = vLLM's choice."""
+        if self.executor is not None:
+            return self.executor
+        return "uni" if not on_gpu and self.tensor_parallel_size == 1 else None
 
     def resolved_idle_spin(self, on_gpu: bool) -> Optional[float]:
         """The worker's idle busy-poll in seconds; None = leave vLLM's."""

@@ -153,11 +153,14 @@ class _VllmEngine:
         )
         if cfg.max_num_seqs is not None:
             kwargs["max_num_seqs"] = cfg.max_num_seqs
+        executor = cfg.resolved_executor(on_gpu)
+        if executor is not None:
+            kwargs["distributed_executor_backend"] = executor
         self.sleeps = cfg.resolved_sleep_mode(on_gpu)
         if on_gpu:
             kwargs.update(gpu_memory_utilization=cfg.gpu_memory_utilization,
                           tensor_parallel_size=cfg.tensor_parallel_size, enable_sleep_mode=self.sleeps)
-            if cfg.tensor_parallel_size > 1:
+            if cfg.tensor_parallel_size > 1 and executor is None:
                 # Worker processes inside this actor's GPU allocation, not Ray actors of their own.
                 kwargs["distributed_executor_backend"] = "mp"
         self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
@@ -359,6 +362,10 @@ class RolloutWorker:
         if not on_gpu:
             # vLLM reads it when the engine starts; the engine's processes inherit it.
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self.cfg.kv_cache_gib)
+            if self.cfg.resolved_executor(on_gpu) == "uni":
+                # vLLM's CPU platform turns "uni" into "mp" unless this is 0; AsyncLLM keeps its
+                # engine core in a process of its own either way (it always uses the mp client).
+                os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         try:
             import vllm  # noqa: F401
         except ImportError as e:
@@ -369,7 +376,7 @@ class RolloutWorker:
         else:
             self.engine = _VllmEngine(self.cfg, on_gpu)
             spin = self.cfg.resolved_idle_spin(on_gpu)
-            if spin is not None:
+            if spin is not None and self.cfg.resolved_executor(on_gpu) != "uni":   # uni: no worker queue
                 changed = await self.engine.call_workers("reft_set_idle_spin", {"seconds": spin},
                                                          self.cfg.call_timeout_s)
                 if not all(changed):

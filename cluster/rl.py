@@ -95,7 +95,9 @@ class PPOLearn:
         with_policy = learner_old or check
         scored = unshard(trainer.learners.run_sharded(LearnerWorker.score, batch, rl.temperature,
                                                       self.with_reference, with_policy))
-        old = scored.logprobs if learner_old else batch["sampler_logprobs"]
+        # The learner's where it computed them (asked for, or free with a shared value head), as
+        # the paper's code; the sampler's for a stale batch or where the pass was saved.
+        old = scored.logprobs if scored.logprobs is not None and not stale else batch["sampler_logprobs"]
         values = scored.values if scored.values is not None else torch.zeros_like(old)
         batch.update(scores=torch.tensor([sc.reward for sc in scores], dtype=torch.float32), old_logprobs=old,
                      values=values, ref_logprobs=scored.ref_logprobs if self.with_reference else old)

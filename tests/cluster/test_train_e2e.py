@@ -52,9 +52,10 @@ def test_reft_loop_end_to_end(smoke_run):
     assert mean(last, "rl/train_accuracy") > mean(first, "rl/train_accuracy")
     # every step synced the samplers: fp32 sampler and learner agree on the sampled tokens' logprobs
     assert all(r["rl/staleness"] == 0 for r in steps)
-    # (smoke.yaml: the learner recomputes them on every other step, and takes the sampler's on the rest)
+    # (smoke.yaml: the learner recomputes them at least every other step; with its shared value
+    # head they come with the values' forward on every step)
     checked = [r for r in steps if "rl/sampler_logprob_gap" in r]
-    assert len(checked) == len(steps) // 2
+    assert len(checked) >= len(steps) // 2
     assert max(r["rl/sampler_logprob_gap"] for r in checked) < 1e-3
     # Learner rank 0 published every version itself: what crossed the driver per sync was a handle
     # of a few KiB (the tiny model's weights are MBs), and each checkpoint reused the sync's export.
