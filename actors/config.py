@@ -13,6 +13,7 @@ from typing import Optional
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SYNC_TRANSPORTS = ("shm", "object_store", "nccl", "gloo")
+BROADCAST_TRANSPORTS = ("nccl", "gloo")   # the learner pushes to samplers joined to its group
 AUTO_SYNC = "auto"   # rollout.sync in a run config: the run mode picks (cluster.placement)
 VERIFY_MODES = ("both", "checksum", "probe", "off")
 EXECUTORS = (None, "uni", "mp")

@@ -92,7 +92,7 @@ from typing import Any, Callable, ClassVar, Optional, Protocol, Sequence
 import torch
 from torch import Tensor
 
-from actors.config import RolloutConfig
+from actors.config import BROADCAST_TRANSPORTS, RolloutConfig
 
 logger = logging.getLogger(__name__)
 
@@ -437,7 +437,7 @@ def make_weight_sync(cfg: RolloutConfig, transport: Optional[str] = None) -> Wei
         return SharedMemoryDirSync(cfg)
     if transport == "object_store":
         return RayObjectStoreSync(cfg)
-    if transport in ("nccl", "gloo"):
+    if transport in BROADCAST_TRANSPORTS:
         return NcclBroadcastSync(cfg, backend=transport)
     raise ValueError(f"rollout.sync = {transport!r}: must be one of shm, object_store, nccl, gloo")
 
@@ -467,7 +467,7 @@ class RemoteSender:
 
     def attach(self, receiver: str, join: Callable[[dict], Any], timeout_s: float) -> None:
         import ray
-        if self.transport not in ("nccl", "gloo"):
+        if self.transport not in BROADCAST_TRANSPORTS:
             return
         try:
             info = dict(ray.get(self.actor.weight_sync_prepare.remote(receiver), timeout=self.timeout_s),
@@ -482,12 +482,12 @@ class RemoteSender:
 
     def detach(self, receiver: str) -> None:
         import ray
-        if self.transport in ("nccl", "gloo"):
+        if self.transport in BROADCAST_TRANSPORTS:
             ray.get(self.actor.weight_sync_detach.remote(receiver), timeout=self.timeout_s)
 
     def transmit(self, handle: WeightHandle, receivers: Sequence[str], timeout_s: float) -> None:
         import ray
-        if self.transport in ("nccl", "gloo") and receivers:
+        if self.transport in BROADCAST_TRANSPORTS and receivers:
             ray.get(self.actor.weight_sync_transmit.remote(handle, list(receivers), timeout_s),
                     timeout=timeout_s * len(receivers) + self.timeout_s)
 

@@ -34,6 +34,7 @@ from typing import Callable, Optional, Protocol, Sequence
 
 import torch
 
+from actors.config import BROADCAST_TRANSPORTS
 from actors.fleet import RolloutFleet
 from actors.reward import collect_scored
 from actors.reward import launch as launch_reward
@@ -154,7 +155,7 @@ class RLTrainer:
         pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="learner-start")
         learners = pool.submit(start_learner_group)
         try:
-            if rollout_cfg.sync in ("nccl", "gloo"):
+            if rollout_cfg.sync in BROADCAST_TRANSPORTS:
                 self.learners = learners.result()
             sender = RemoteSender(lambda: learners.result().actors[0], rollout_cfg.sync, cfg.cluster.call_timeout_s)
             self.fleet = RolloutFleet(rollout_cfg, sync=sender,
