@@ -203,6 +203,7 @@ class RLTrainer:
 
         timing["timing/sync_s"] = self.sync_weights()                                                  # 7
         state.step += 1
+        state.trained_s += step_seconds(timing)
         metrics.update(self.sample_metrics(samples, scores, timing))
         return metrics
 
@@ -309,6 +310,15 @@ SUMMARY_KEYS = ("rl/reward_mean", "rl/train_accuracy", "rl/kl", "learner/pg_loss
                 "learner/entropy", "timing/rollout_s", "timing/learner_s", "timing/sync_s")
 
 
+STEP_TIME_KEYS = ("timing/rollout_s", "timing/learner_s", "timing/sync_s")
+
+
+def step_seconds(record: dict) -> float:
+    """A step's training time (rollout, learner, sync; not evaluation or checkpoints): what
+    rl.max_seconds counts and the SFT-continued baseline is given."""
+    return sum(record.get(key, 0.0) for key in STEP_TIME_KEYS)
+
+
 def total_steps(cfg: RunConfig, n_train: int) -> int:
     return max(1, cfg.rl.epochs * n_train // cfg.rl.questions_per_step)
 
@@ -326,12 +336,11 @@ def run_rl(cfg: RunConfig, warmup: str, run_dir: Path, train: list[Example], tes
         if trainer.state.step == 0:
             history.append({"step": 0, **trainer.evaluate_and_log()})
         bar = PhaseBar(f"rl ({cfg.rl.algorithm})", steps, budget, initial=trainer.state.step)
-        trained_s = 0.0
         try:
             while trainer.state.step < steps:
                 metrics = trainer.step()
                 trainer.metrics.write(trainer.state.step, metrics)
-                trained_s += sum(metrics[k] for k in ("timing/rollout_s", "timing/learner_s", "timing/sync_s"))
+                trained_s = trainer.state.trained_s   # kept in the checkpoint: a resumed run continues its budget
                 bar.advance(trained_s, reward=f"{metrics['rl/reward_mean']:.3f}",
                             acc=f"{metrics['rl/train_accuracy']:.0f}")
                 logger.info("rl %s", summary_line(trainer.state.step, metrics, SUMMARY_KEYS))

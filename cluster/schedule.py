@@ -13,6 +13,7 @@ class TrainState:
     version: int = 0          # policy version the samplers hold
     epoch: int = 0
     position: int = 0         # next index into this epoch's question order
+    trained_s: float = 0.0    # training time of the steps so far (what rl.max_seconds counts)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)

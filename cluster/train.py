@@ -17,6 +17,7 @@ from cluster.config import RunConfig
 from cluster.metrics import read_metrics
 from cluster.placement import plan_placement
 from cluster.recipes import check_config
+from cluster.rl import step_seconds
 from cluster.results import plot_curves, write_results
 from cluster.runtime import init_ray, load_splits, make_run_dir, prepare_model
 from cluster.sft import train_sft
@@ -61,8 +62,7 @@ def run_train(cfg: RunConfig, resume: bool = False) -> dict:
     series = {cfg.rl.algorithm: read_metrics(run_dir / "rl" / "metrics.jsonl")}
     # The stage's training time: RL's steps (rollout + learner + sync) or the SFT stage's epochs, not
     # engine start-up or evaluation, which the SFT baseline's budget does not count either.
-    rl_seconds = sum(r.get("timing/rollout_s", 0) + r.get("timing/learner_s", 0) + r.get("timing/sync_s", 0)
-                     + r.get("sft/epoch_seconds", 0) for r in series[cfg.rl.algorithm])
+    rl_seconds = sum(step_seconds(r) + r.get("sft/epoch_seconds", 0) for r in series[cfg.rl.algorithm])
 
     # 3. the baseline: SFT continued from the same warm-up for the same wall time
     rows = [result_row("warm-up (SFT)", history[:1])]

@@ -25,3 +25,11 @@ def test_resume_from_state_gives_the_same_questions():
     rest = [next_questions(state, 10, 3, seed=2) for _ in range(4)]
     resumed = TrainState(**saved.to_json())
     assert [next_questions(resumed, 10, 3, seed=2) for _ in range(4)] == rest
+
+
+def test_the_training_time_budget_survives_a_checkpoint():
+    """rl.max_seconds counts TrainState.trained_s, which the checkpoint's client state carries:
+    a resumed run continues its budget instead of starting a new one."""
+    state = TrainState(step=7, trained_s=31.5)
+    assert TrainState(**state.to_json()).trained_s == 31.5
+    assert TrainState(**{k: v for k, v in state.to_json().items() if k != "trained_s"}).trained_s == 0.0  # older checkpoints
