@@ -87,7 +87,7 @@ def _plain(value):
 
 def summary_line(step: int, metrics: Mapping[str, float], keys: Optional[Iterable[str]] = None) -> str:
     """``step 12 | sft/loss 1.234 | eval/accuracy 31.0`` for the log."""
-    keys = list(keys) if keys is not None else list(metrics)
+    keys = [k for k in (keys if keys is not None else metrics) if k != "step"]   # the prefix says it
     parts = [f"{k} {metrics[k]:.4g}" for k in keys if k in metrics and isinstance(metrics[k], (int, float))]
     return f"step {step} | " + " | ".join(parts)
 

@@ -177,7 +177,7 @@ class RLTrainer:
             pool.shutdown(wait=False)
         self.startup_s["total"] = time.perf_counter() - start
         logger.info("rl start-up (learner and engines concurrently): %s",
-                    ", ".join(f"{k} {v:.1f} s" for k, v in self.startup_s.items()))
+                    ", ".join(f"{k} {v:.1f} s" for k, v in self.startup_s.items()), extra=CONSOLE)
         self.evaluator = FleetEvaluator(cfg, self.tokenizer, self.fleet, self.reward)
         self.state = TrainState()
         self.total_steps = total_steps(cfg, len(train))

@@ -113,9 +113,10 @@ def train_sft(cfg: RunConfig, run_dir: Path, train: list[Example], test: list[Ex
                 step += 1
                 losses.append(out["loss"])
                 tokens += int(batch["attention_mask"].sum())
-                bar.advance(trained_s + time.perf_counter() - start, epoch=epoch, loss=f"{out['loss']:.3f}")
+                elapsed = trained_s + time.perf_counter() - start   # this phase's training time so far
+                bar.advance(elapsed, epoch=epoch, loss=f"{out['loss']:.3f}")
                 metrics.write(step, {"sft/loss": out["loss"], "sft/grad_norm": out["grad_norm"], "sft/lr": out["lr"]})
-                if max_seconds is not None and trained_s + time.perf_counter() - start >= max_seconds:
+                if max_seconds is not None and elapsed >= max_seconds:
                     out_of_time = True
                     break
             seconds = time.perf_counter() - start
@@ -135,7 +136,11 @@ def train_sft(cfg: RunConfig, run_dir: Path, train: list[Example], test: list[Ex
                                "eval/test_answered": test_eval.answered})
             metrics.write(step, record)
             result.history.append(record)
-            logger.info("%s %s", phase, summary_line(step, record), extra=CONSOLE if "eval/test_accuracy" in record else {})
+            logger.info("%s %s", phase, summary_line(step, record))
+            if "eval/test_accuracy" in record:   # the console's line: the evaluation, not the perf counters
+                logger.info("%s eval %s", phase, summary_line(step, record, (
+                    epoch_key, "sft/epoch_loss", "eval/test_accuracy", "eval/train_accuracy", "sft/train_seconds")),
+                    extra=CONSOLE)
             if out_of_time:
                 break
     finally:

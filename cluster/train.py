@@ -14,6 +14,7 @@ import logging
 import time
 
 from cluster.config import RunConfig
+from cluster.console import CONSOLE
 from cluster.metrics import read_metrics
 from cluster.placement import plan_placement
 from cluster.recipes import check_config
@@ -84,4 +85,6 @@ def run_train(cfg: RunConfig, resume: bool = False) -> dict:
     table = write_results(run_dir, rows, headline)
     plot_curves(run_dir / "curves.png", series, title=f"{cfg.name}: {cfg.data.dataset} {cfg.data.cot_kind}")
     print(table.to_markdown(index=False, floatfmt=".1f"))
+    logger.info("results in %s (results.md, curves.png, metrics per phase); logs in %s", run_dir, run_dir / "logs",
+                extra=CONSOLE)
     return headline
