@@ -48,15 +48,21 @@ DEFAULT_CONFIG = "experiments/configs/tiny.yaml"
 # ----------------------------------------------------------------------------- processes
 
 
-def peak_rss_mib(pid: int, children: bool = True) -> float:
-    """VmHWM of ``pid`` plus, with ``children``, its descendants' (vLLM's engine core, sandbox
-    workers), in MiB."""
+def process_tree(pid: int, children: bool = True) -> list:
+    """``pid``'s process and, with ``children``, its live descendants (vLLM's engine core,
+    sandbox workers); [] if it is gone."""
     import psutil
-    total = 0.0
     try:
-        procs = [psutil.Process(pid)] + (psutil.Process(pid).children(recursive=True) if children else [])
+        root = psutil.Process(pid)
+        return [root] + (root.children(recursive=True) if children else [])
     except psutil.NoSuchProcess:
-        return float("nan")
+        return []
+
+
+def peak_rss_mib(pid: int, children: bool = True) -> float:
+    """The summed VmHWM of ``process_tree(pid, children)`` in MiB (nan if it is gone)."""
+    procs = process_tree(pid, children)
+    total = 0.0
     for proc in procs:
         try:
             with open(f"/proc/{proc.pid}/status") as f:
@@ -64,19 +70,14 @@ def peak_rss_mib(pid: int, children: bool = True) -> float:
             total += int(hwm.split()[1]) / 1024
         except (OSError, StopIteration):
             pass
-    return round(total, 1)
+    return round(total, 1) if procs else float("nan")
 
 
 def cpu_s(pid: int, children: bool = True) -> float:
-    """CPU seconds (user + system) used so far by ``pid`` and, with ``children``, its live descendants."""
+    """CPU seconds (user + system) used so far by ``process_tree(pid, children)``."""
     import psutil
-    try:
-        root = psutil.Process(pid)
-        procs = [root] + (root.children(recursive=True) if children else [])
-    except psutil.NoSuchProcess:
-        return 0.0
     total = 0.0
-    for proc in procs:
+    for proc in process_tree(pid, children):
         try:
             t = proc.cpu_times()
             total += t.user + t.system
@@ -97,7 +98,7 @@ def actor_pids() -> dict[str, int]:
     Ray titles an actor's process ``ray::<Class>`` or ``ray::<Class>.<method>``."""
     import psutil
     pids = {}
-    for proc in psutil.Process().children(recursive=True):   # this driver's Ray cluster only
+    for proc in process_tree(os.getpid())[1:]:   # this driver's Ray cluster only
         try:
             title = (proc.cmdline() or [""])[0]
         except psutil.NoSuchProcess:
