@@ -87,19 +87,25 @@ def run_sft_stage(cfg: RunConfig, base_model: str, run_dir: Path, train: list[Ex
     metrics.write(0, record)
     metrics.close()
     result = train_sft(stage_config(cfg, start, fresh), run_dir, data, test, phase="rl", epoch_key="rl/epoch",
-                       max_seconds=cfg.rl.max_seconds)
+                       max_seconds=cfg.rl.max_seconds, start_epoch=0 if fresh else cfg.sft.epochs)
     return [{"step": 0, **record}] + [r for r in result.history if "eval/test_accuracy" in r]
 
 
 def stage_config(cfg: RunConfig, start: str, fresh: bool) -> RunConfig:
     """The SFT recipe of the stage: rl.epochs epochs from ``start``, a greedy evaluation after each
     with RL's generation budget (so the numbers compare with ReFT's). ``fresh``: from the base
-    model, the warm-up's own recipe (learning-rate warm-up included); else continued from the
-    warm-up at a constant sft.lr, its learning-rate warm-up being done."""
-    sft = dataclasses.replace(cfg.sft, epochs=cfg.rl.epochs, eval_every_epochs=1,
+    model, the warm-up's recipe with a schedule of its own over the stage's epochs (offline
+    self-training: 20 epochs, linear decay, as ``OffSL/*.sh``); else the warm-up's schedule goes on
+    from where the warm-up stopped (`run_sft_stage` passes ``start_epoch``): the paper's SFT
+    baseline is its 40-epoch warm-up run, continued. The horizon is ``sft.schedule_epochs``, or
+    warm-up + stage epochs when it is unset."""
+    schedule = None if fresh else (cfg.sft.schedule_epochs or cfg.sft.epochs + cfg.rl.epochs)
+    if schedule is not None and cfg.sft.epochs + cfg.rl.epochs > schedule:
+        raise ConfigError(f"rl.algorithm = {cfg.rl.algorithm} continues the warm-up's {schedule}-epoch learning-rate "
+                          f"schedule (sft.schedule_epochs) after its sft.epochs = {cfg.sft.epochs}: rl.epochs = "
+                          f"{cfg.rl.epochs} runs past it (at most {schedule - cfg.sft.epochs})")
+    sft = dataclasses.replace(cfg.sft, epochs=cfg.rl.epochs, eval_every_epochs=1, schedule_epochs=schedule,
                               eval_max_new_tokens=cfg.rl.max_new_tokens)
-    if not fresh:
-        sft = dataclasses.replace(sft, lr_schedule="constant", warmup_ratio=0.0)
     return dataclasses.replace(cfg, learner=dataclasses.replace(cfg.learner, model=start), sft=sft)
 
 

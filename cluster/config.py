@@ -58,10 +58,17 @@ class SFTConfig:
     """Sequences per optimizer step, over all learner ranks (paper: 48)."""
     lr: float = 1e-5
     """Warm-up learning rate (paper: 1e-5)."""
-    lr_schedule: str = "linear_warmup_constant"
-    """After the linear warm-up: constant, or cosine to 0 (linear_warmup_cosine)."""
+    lr_schedule: str = "linear_warmup_decay"
+    """``learner.lr_schedule``'s names. The paper's: a linear warm-up, then linear decay to 0 at
+    the end of the schedule (``get_linear_schedule_with_warmup`` in ``train_sft_model.py``)."""
     warmup_ratio: float = 0.1
-    """Fraction of the steps with a linear learning-rate warm-up (paper: 10%)."""
+    """Fraction of the schedule's steps with a linear learning-rate warm-up (paper: 10% of the
+    whole schedule, ``warmup_step=-100``)."""
+    schedule_epochs: Optional[int] = None
+    """The schedule's horizon in epochs, independent of the epochs run; None = ``epochs``. The
+    paper's warm-up is the epoch-2 checkpoint of a 40-epoch SFT run: epochs 2, schedule_epochs
+    40 (so RL starts while the learning rate is still ramping up). The SFT baseline continues the
+    same schedule from where the warm-up stopped (``cluster.baselines``)."""
     max_length: int = 1024
     """Longest prompt + CoT in tokens (paper: 1024); longer training examples are dropped, counted."""
     eval_every_epochs: int = 1
@@ -81,6 +88,9 @@ class SFTConfig:
             raise ValueError(f"sft.lr_schedule must be one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if not self.lr > 0:
             raise ValueError(f"sft.lr must be > 0, got {self.lr}")
+        if self.schedule_epochs is not None and self.schedule_epochs < self.epochs:
+            raise ValueError(f"sft.schedule_epochs must be >= sft.epochs ({self.epochs}) or null, "
+                             f"got {self.schedule_epochs}")
         if self.max_seconds is not None and not self.max_seconds > 0:
             raise ValueError(f"sft.max_seconds must be > 0 or null, got {self.max_seconds}")
 

@@ -47,12 +47,13 @@ def start_learners(cfg: RunConfig, learner_cfg, placement: Placement) -> ActorGr
                       timeout_s=cfg.cluster.call_timeout_s)
 
 
-def sft_learner_config(cfg: RunConfig, total_steps: int) -> LearnerConfig:
+def sft_learner_config(cfg: RunConfig, total_steps: int, schedule_offset: int = 0) -> LearnerConfig:
     """The learner of an SFT stage: the run's, with the SFT optimiser settings, no reference and
-    no value model (nothing reads a value: a separate critic would double every forward)."""
+    no value model (nothing reads a value: a separate critic would double every forward).
+    ``total_steps`` is the schedule's length, ``schedule_offset`` where in it the stage starts."""
     return dataclasses.replace(cfg.learner, with_reference=False, value_head="none", lr=cfg.sft.lr,
                                lr_schedule=cfg.sft.lr_schedule, warmup_ratio=cfg.sft.warmup_ratio,
-                               total_steps=total_steps)
+                               total_steps=total_steps, schedule_offset=schedule_offset)
 
 
 def run_sft(cfg: RunConfig) -> SFTResult:
@@ -65,12 +66,14 @@ def run_sft(cfg: RunConfig) -> SFTResult:
 
 
 def train_sft(cfg: RunConfig, run_dir: Path, train: list[Example], test: list[Example], phase: str = "sft",
-              max_seconds: Optional[float] = None, epoch_key: str = "epoch") -> SFTResult:
+              max_seconds: Optional[float] = None, epoch_key: str = "epoch", start_epoch: int = 0) -> SFTResult:
     """SFT from ``cfg.learner.model`` on ``train``. Checkpoints and metrics go to
     ``<run_dir>/<phase>/``. ``max_seconds`` stops training after that much training time (checked
     after each step; the epoch in progress is checkpointed and evaluated): the "SFT continued for
     the same wall time as RL" baseline. ``epoch_key`` names the epoch in the per-epoch records
     ("rl/epoch" when a baseline trains in the RL stage's place, so that runs compare by epoch).
+    ``start_epoch``: epochs of the learning-rate schedule already run (by the warm-up this stage
+    continues); the schedule spans ``sft.schedule_epochs`` (or start_epoch + sft.epochs) epochs.
     Writes no run config: the caller owns the run directory."""
     tokenizer = load_tokenizer(cfg.learner.model)
 
@@ -84,7 +87,12 @@ def train_sft(cfg: RunConfig, run_dir: Path, train: list[Example], test: list[Ex
     if steps_per_epoch == 0:
         raise ValueError(f"sft.batch_size={cfg.sft.batch_size} is larger than the {len(kept)} training examples")
     total_steps = steps_per_epoch * cfg.sft.epochs
-    learner_cfg = sft_learner_config(cfg, total_steps)
+    schedule_epochs = cfg.sft.schedule_epochs or start_epoch + cfg.sft.epochs
+    if start_epoch + cfg.sft.epochs > schedule_epochs:
+        logger.warning("%s: epochs %d-%d run past the %d-epoch learning-rate schedule (sft.schedule_epochs): "
+                       "the learning rate is 0 after it", phase, start_epoch + 1, start_epoch + cfg.sft.epochs,
+                       schedule_epochs)
+    learner_cfg = sft_learner_config(cfg, steps_per_epoch * schedule_epochs, steps_per_epoch * start_epoch)
 
     # 2. the learner group (DeepSpeed ranks as Ray actors), placed by the run mode's plan
     init_ray(cfg)

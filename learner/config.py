@@ -16,7 +16,7 @@ from learner.masked import AGG_MODES
 VALUE_HEADS = ("shared", "separate", "none")
 DTYPES = ("fp32", "bf16")
 BACKENDS = ("auto", "gloo", "nccl")
-LR_SCHEDULES = ("constant", "linear_warmup_constant", "linear_warmup_cosine")
+LR_SCHEDULES = ("constant", "linear_warmup_constant", "linear_warmup_decay", "linear_warmup_cosine")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,18 +81,26 @@ class LearnerConfig:
     Gradient accumulation is derived: each rank accumulates ceil(its mini-batch / micro) passes."""
 
     lr_schedule: str = "constant"
-    """"constant", "linear_warmup_constant" or "linear_warmup_cosine" (to 0 at ``total_steps``).
-    Constant as the paper's RL stage (constant schedule, 0 warm-up steps); its SFT warm-up uses 10%
-    linear warm-up (set ``linear_warmup_constant`` and ``warmup_ratio=0.1`` there)."""
+    """"constant"; or a linear warm-up then: "linear_warmup_constant" (1), "linear_warmup_decay"
+    (linear to 0 at ``total_steps``, HF's ``get_linear_schedule_with_warmup``) or
+    "linear_warmup_cosine" (cosine to 0). Constant as the paper's RL stage (0 warm-up steps); its
+    SFT warm-up, SFT baseline, offline self-training and reranker use "linear_warmup_decay" with
+    10% warm-up over their whole run (``train_sft_model.py``, ``train_reward_model.py``)."""
 
     warmup_ratio: float = 0.0
     """Fraction of ``total_steps`` spent warming the learning rate up linearly from 0. 0 as the
     paper's RL stage; 0.1 for its SFT warm-up."""
 
     total_steps: int = 0
-    """Optimizer steps of the whole run, for the warm-up length and the cosine decay; unused (may be
+    """Optimizer steps of the whole schedule, for the warm-up length and the decay; unused (may be
     0) with "constant". One ``ppo_update`` makes ``ppo_epochs * ppo_mini_batches`` steps, one
-    ``sft_step`` makes 1."""
+    ``sft_step`` makes 1. It may exceed the steps this learner runs: the paper's warm-up is the
+    first 2 epochs of a 40-epoch schedule (``sft.schedule_epochs``)."""
+
+    schedule_offset: int = 0
+    """Steps of the schedule taken before this learner's first: a stage that continues another's
+    schedule (the SFT baseline continuing the warm-up's 40-epoch schedule from its epoch 2) starts
+    there. 0 for a stage with a schedule of its own."""
 
     ppo_epochs: int = 2
     """Passes over each rollout batch in ``ppo_update``; 2 as the paper."""
@@ -164,6 +172,8 @@ class LearnerConfig:
             fail("warmup_ratio", "in [0, 1)")
         if self.total_steps < 0:
             fail("total_steps", ">= 0")
+        if self.schedule_offset < 0:
+            fail("schedule_offset", ">= 0")
         if self.lr_schedule != "constant" and self.total_steps == 0:
             raise ValueError(
                 f"learner.total_steps must be > 0 with learner.lr_schedule={self.lr_schedule!r} "

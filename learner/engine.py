@@ -72,24 +72,32 @@ def init_distributed(backend: str) -> None:
 
 
 def lr_multiplier(cfg: LearnerConfig, step: int) -> float:
-    """The learning rate at optimizer step ``step`` (0-based), as a fraction of ``cfg.lr``.
+    """The learning rate at this learner's optimizer step ``step`` (0-based), as a fraction of
+    ``cfg.lr``. The schedule's position is s = step + ``cfg.schedule_offset``.
 
     1. "constant": 1.
-    2. warm-up (both other schedules): (step + 1) / warmup for step < warmup, with
+    2. warm-up (the other schedules): (s + 1) / warmup for s < warmup, with
        warmup = round(warmup_ratio * total_steps); the first step already moves (1 / warmup), the
        last warm-up step reaches 1.
     3. "linear_warmup_constant": 1 after the warm-up.
-    4. "linear_warmup_cosine": 0.5 * (1 + cos(pi * progress)) after it, progress going from 0 at
+    4. "linear_warmup_decay": (total_steps - s) / (total_steps - warmup) after it: 1 at the first
+       step after the warm-up, 1 / (total_steps - warmup) at the last, 0 beyond. This is HF's
+       ``get_linear_schedule_with_warmup`` (the paper's), whose first step runs at lr 0 during a
+       warm-up; here the warm-up is one step ahead, the decay the same.
+    5. "linear_warmup_cosine": 0.5 * (1 + cos(pi * progress)) after it, progress going from 0 at
        the end of the warm-up to 1 at ``total_steps`` (and staying there: 0 beyond).
     """
     if cfg.lr_schedule == "constant":
         return 1.0
+    s = step + cfg.schedule_offset
     warmup = round(cfg.warmup_ratio * cfg.total_steps)
-    if step < warmup:
-        return (step + 1) / warmup
+    if s < warmup:
+        return (s + 1) / warmup
     if cfg.lr_schedule == "linear_warmup_constant":
         return 1.0
-    progress = min(1.0, (step - warmup) / max(1, cfg.total_steps - warmup))
+    if cfg.lr_schedule == "linear_warmup_decay":
+        return max(0.0, (cfg.total_steps - s) / max(1, cfg.total_steps - warmup))
+    progress = min(1.0, (s - warmup) / max(1, cfg.total_steps - warmup))
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 

@@ -141,6 +141,27 @@ def test_lr_multiplier_by_hand():
     assert lr_multiplier(LearnerConfig(model="m"), 123) == 1.0
 
 
+def test_linear_decay_matches_the_papers_schedule_and_continues_from_an_offset():
+    # 40 steps, 10% warm-up = 4: (s+1)/4 for s < 4; then (40 - s) / 36, 1 at s = 4, 1/36 at s = 39, 0 after.
+    cfg = LearnerConfig(model="m", lr_schedule="linear_warmup_decay", warmup_ratio=0.1, total_steps=40)
+    got = [lr_multiplier(cfg, s) for s in (0, 3, 4, 22, 39, 40, 60)]
+    assert got == pytest.approx([0.25, 1.0, 1.0, 0.5, 1 / 36, 0.0, 0.0])
+    # HF's get_linear_schedule_with_warmup: the same decay (its warm-up is one step behind).
+    from transformers import get_linear_schedule_with_warmup
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    hf = get_linear_schedule_with_warmup(opt, num_warmup_steps=4, num_training_steps=40)
+    hf_lrs = []
+    for _ in range(40):
+        hf_lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        hf.step()
+    assert [lr_multiplier(cfg, s) for s in range(4, 40)] == pytest.approx(hf_lrs[4:])
+    # A stage continuing the schedule at step 20 (the SFT baseline after a warm-up of 20 steps).
+    later = LearnerConfig(model="m", lr_schedule="linear_warmup_decay", warmup_ratio=0.1, total_steps=40,
+                          schedule_offset=20)
+    assert [lr_multiplier(later, s) for s in (0, 2, 19)] == pytest.approx([lr_multiplier(cfg, s) for s in (20, 22, 39)])
+
+
 # ---------------------------------------------------------------------------- model
 
 
