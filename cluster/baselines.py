@@ -153,25 +153,24 @@ def sample_self_training(cfg: RunConfig, model: str, train: list[Example]) -> tu
 
 def self_training_examples(questions: Sequence[Example], scored: Sequence[Sequence[Scored]],
                            keep: int) -> list[Example]:
-    """The CoTs offline self-training adds: for each question (``scored[q]``: its samples, in
-    sample order), its learnable samples (`learnable`) without duplicates and without copies of
-    the gold CoT (which would only weigh it more), at most ``keep``. P-CoT samples get the
+    """The CoTs offline self-training adds, as the paper's ``train_sl_model.py`` selects them: for
+    each question (``scored[q]``: its samples, in sample order), its correct samples, stripped,
+    without duplicates, the first ``keep`` of them; a copy of the gold CoT among those is dropped
+    (the gold is in the training set already). A correct sample the length cap cut is kept, as the
+    paper's code keeps it (online self-training's `learnable` does not). P-CoT samples get the
     prompt's function header back, so that they are whole programs as the gold ones are."""
     added = []
     for gold, samples in zip(questions, scored, strict=True):
-        seen, mine = {sft_target(gold).strip()}, []
+        header = pcot_header(gold.question) if gold.cot_kind == "pcot" else ""
+        gold_target, distinct = sft_target(gold).strip(), []
         for s in samples:
-            if len(mine) == keep:
-                break
-            if not learnable(s.sample, s.score):
-                continue
-            cot = (pcot_header(gold.question) if gold.cot_kind == "pcot" else "") + s.sample.completion_text
-            example = dataclasses.replace(gold, id=f"{gold.id}-st{len(mine)}", cot=cot)
-            target = sft_target(example).strip()
-            if target not in seen:
-                seen.add(target)
-                mine.append(example)
-        added += mine
+            cot = (header + s.sample.completion_text).strip()   # as the paper's code strips the whole CoT
+            if s.score.correct and cot not in distinct:
+                distinct.append(cot)
+        for cot in distinct[:keep]:
+            example = dataclasses.replace(gold, id=f"{gold.id}-st{len(added)}", cot=cot)
+            if sft_target(example).strip() != gold_target:
+                added.append(example)
     return added
 
 

@@ -98,6 +98,7 @@ class SFTConfig:
 OFFLINE_INITS = ("base", "warmup")
 OLD_LOGPROBS = ("auto", "learner", "sampler")
 PAPER_KL_COEF = {"ncot": 0.05, "pcot": 0.01}
+GRPO_KL_LOSS_COEF = 0.04   # DeepSeekMath's beta for GRPO's KL term
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +129,10 @@ class RLConfig:
     kl_coef: Optional[float] = None
     """beta of the per-token KL penalty to the warm-up model; None = the paper's value for the CoT
     kind (0.05 N-CoT, 0.01 P-CoT). 0 collapses training (the paper's ablation)."""
+    kl_loss_coef: Optional[float] = None
+    """grpo / rloo: coefficient of the k3 KL-to-reference loss term (their scores carry no KL);
+    None = 0.04, DeepSeekMath's (Shao et al. 2024, §4.1); 0 = no KL and no reference pass.
+    ReFT puts its KL in the reward instead (rl.kl_coef) and refuses this key."""
     advantage: AdvantageConfig = AdvantageConfig()
     """The advantage estimator's settings (``learner.algos.AdvantageConfig``): GAE's gamma 1.0 and
     lambda 0.95 and whitening as the paper's code; GRPO's std normalisation and eps."""
@@ -176,6 +181,8 @@ class RLConfig:
                 raise ValueError(f"rl.{key} must be >= 1, got {getattr(self, key)}")
         if self.kl_coef is not None and self.kl_coef < 0:
             raise ValueError(f"rl.kl_coef must be >= 0, got {self.kl_coef}")
+        if self.kl_loss_coef is not None and self.kl_loss_coef < 0:
+            raise ValueError(f"rl.kl_loss_coef must be >= 0, got {self.kl_loss_coef}")
         if self.old_logprobs not in OLD_LOGPROBS:
             raise ValueError(f"rl.old_logprobs must be one of {list(OLD_LOGPROBS)}, got {self.old_logprobs!r}")
         if self.max_seconds is not None and not self.max_seconds > 0:

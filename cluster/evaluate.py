@@ -222,7 +222,7 @@ def hf_greedy(model, tokenizer, requests: Sequence["SampleRequest"]) -> list["Sa
 
     from actors.rollout import Sample
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id   # formats.hf.load_tokenizer: EOS when the tokenizer has none
     eos = tokenizer.eos_token_id
     prompts = [list(r.prompt) for r in requests]
     width = max(map(len, prompts))

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable, Optional, Protocol
 
 from cluster.baselines import OnlineSTLearn, run_sft_stage
-from cluster.config import RunConfig
+from cluster.config import GRPO_KL_LOSS_COEF, RunConfig
 from cluster.config_io import ConfigError
 from cluster.rl import Learn, PPOLearn, RLTrainer, latest_checkpoint, run_rl
 from formats.records import Example
@@ -44,13 +44,21 @@ class RLRecipe:
     make_learn: Callable[["RLRecipe", RunConfig, RLTrainer], Learn]   # the step's update
     estimator: Optional[str] = None   # a registered advantage estimator (learner.algos), for PPO updates
     min_samples: int = 1              # samples per question the update needs
-    uses_kl: bool = True              # does the update take the KL penalty (rl.kl_coef)?
+    kl: str = "reward"                # where the KL to the reference goes: "reward" (ReFT's per-token
+                                      # penalty, rl.kl_coef), "loss" (GRPO's k3 term, rl.kl_loss_coef), "none"
     on_policy: bool = False           # refuses rl.max_staleness > 0 (the paper's baselines are on-policy)
     critic: bool = True               # does the update read values (GAE)? If not, the learner has no critic
     samples: bool = True
 
     def kl_coef(self, cfg: RunConfig) -> float:
-        return cfg.rl.paper_kl_coef(cfg.data.cot_kind) if self.uses_kl else 0.0
+        """beta of the KL penalty in the reward (0 unless ``kl`` is "reward")."""
+        return cfg.rl.paper_kl_coef(cfg.data.cot_kind) if self.kl == "reward" else 0.0
+
+    def kl_loss_coef(self, cfg: RunConfig) -> float:
+        """Coefficient of the k3 KL loss term (0 unless ``kl`` is "loss")."""
+        if self.kl != "loss":
+            return 0.0
+        return GRPO_KL_LOSS_COEF if cfg.rl.kl_loss_coef is None else cfg.rl.kl_loss_coef
 
     def check(self, cfg: RunConfig) -> None:
         rl = cfg.rl
@@ -61,6 +69,14 @@ class RLRecipe:
             raise ConfigError(f"rl.top_p = {rl.top_p}: the learner scores the untruncated softmax at rl.temperature, "
                               "so PPO's ratio and the KL would compare another policy than the one sampled; "
                               "use rl.top_p = 1")
+        if self.kl != "reward" and rl.kl_coef is not None:
+            raise ConfigError(f"rl.kl_coef is the KL penalty in ReFT's reward; rl.algorithm={self.name} "
+                              + ("takes its KL as a loss term: set rl.kl_loss_coef" if self.kl == "loss"
+                                 else "has no KL term") + f" (got rl.kl_coef={rl.kl_coef})")
+        if self.kl != "loss" and rl.kl_loss_coef is not None:
+            raise ConfigError(f"rl.kl_loss_coef is the KL loss term of grpo / rloo; rl.algorithm={self.name} "
+                              + ("penalises the KL in its reward: set rl.kl_coef" if self.kl == "reward"
+                                 else "has no KL term") + f" (got rl.kl_loss_coef={rl.kl_loss_coef})")
         if self.on_policy and rl.max_staleness:
             raise ConfigError(f"rl.max_staleness must be 0 for rl.algorithm={self.name} (the paper's baselines "
                               f"are on-policy), got {rl.max_staleness}")
@@ -88,7 +104,8 @@ class SFTStageRecipe:
 
 def ppo_learn(recipe: RLRecipe, cfg: RunConfig, trainer: RLTrainer) -> Learn:
     sampler_dtype = cfg.rollout.resolved_dtype(on_gpu=cfg.cluster.mode != "cpu")
-    return PPOLearn(estimator=recipe.estimator, kl_coef=recipe.kl_coef(cfg), with_critic=recipe.critic,
+    return PPOLearn(estimator=recipe.estimator, kl_coef=recipe.kl_coef(cfg), kl_loss_coef=recipe.kl_loss_coef(cfg),
+                    with_critic=recipe.critic,
                     recompute_old=cfg.rl.recompute_old_logprobs(cfg.learner.dtype, sampler_dtype),
                     check_every=cfg.rl.logprob_check_every)
 
@@ -99,10 +116,10 @@ def online_st_learn(recipe: RLRecipe, cfg: RunConfig, trainer: RLTrainer) -> Lea
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
     RLRecipe("reft", ppo_learn, estimator="gae"),
-    RLRecipe("grpo", ppo_learn, estimator="grpo", min_samples=2, critic=False),
-    RLRecipe("rloo", ppo_learn, estimator="rloo", min_samples=2, critic=False),
+    RLRecipe("grpo", ppo_learn, estimator="grpo", min_samples=2, critic=False, kl="loss"),
+    RLRecipe("rloo", ppo_learn, estimator="rloo", min_samples=2, critic=False, kl="loss"),
     # the paper's train_rl_sl.py: SFT losses, no KL term, on-policy
-    RLRecipe("online_st", online_st_learn, uses_kl=False, on_policy=True, critic=False),
+    RLRecipe("online_st", online_st_learn, kl="none", on_policy=True, critic=False),
     SFTStageRecipe("sft"),
     SFTStageRecipe("offline_st", self_training=True),
 )}

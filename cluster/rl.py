@@ -73,18 +73,19 @@ class Learn(Protocol):
 class PPOLearn:
     """ReFT's update (and GRPO's, RLOO's: the same PPO loss with critic-free advantages).
 
-    Only the passes the algorithm needs run: the reference's when ``kl_coef > 0``, the critic's
-    when the estimator reads values, and the policy's own scoring pass only when the sampler's
-    log-probs cannot stand for PPO's old policy (``recompute_old``)."""
+    Only the passes the algorithm needs run: the reference's when a KL coefficient is > 0, the
+    critic's when the estimator reads values, and the policy's own scoring pass only when the
+    sampler's log-probs cannot stand for PPO's old policy (``recompute_old``)."""
     estimator: str                 # a registered advantage estimator (learner.algos)
-    kl_coef: float                 # beta of the per-token KL penalty to the reference
+    kl_coef: float                 # beta of the per-token KL penalty to the reference, in the reward (ReFT)
+    kl_loss_coef: float = 0.0      # coefficient of the k3 KL loss term (GRPO / RLOO)
     with_critic: bool = True       # does the estimator read V (GAE), or not (GRPO, RLOO)?
     recompute_old: bool = True     # score an on-policy batch with the learner (else the sampler's log-probs)
     check_every: int = 0           # with the sampler's: every N steps also the learner's, for the gap metric
 
     @property
     def with_reference(self) -> bool:
-        return self.kl_coef > 0    # the reference model is only needed for the KL penalty
+        return self.kl_coef > 0 or self.kl_loss_coef > 0   # the reference is only needed for a KL term
 
     def __call__(self, trainer, indices, samples, scores):
         rl, state = trainer.cfg.rl, trainer.state
@@ -105,8 +106,9 @@ class PPOLearn:
         if scored.logprobs is not None:   # asked for, or free (a shared value head's forward)
             batch["learner_logprobs"] = scored.logprobs   # the sampler/learner mismatch metric
         ppo_batch, metrics = add_advantages(batch, self.estimator, self.kl_coef, rl.advantage)
-        update = trainer.learners.run_sharded(LearnerWorker.ppo_update, {k: ppo_batch[k] for k in PPO_KEYS},
-                                              rl.temperature)[0]
+        keys = PPO_KEYS + (("ref_logprobs",) if self.kl_loss_coef else ())
+        update = trainer.learners.run_sharded(LearnerWorker.ppo_update, {k: ppo_batch[k] for k in keys},
+                                              rl.temperature, self.kl_loss_coef)[0]
         metrics.update({f"learner/{k}": v for k, v in update.items()})
         return metrics
 

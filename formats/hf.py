@@ -18,6 +18,7 @@ tokenizer loads as).
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Sequence, Union
@@ -46,6 +47,8 @@ TOKENIZER_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
 # quotes, digits).
 PROBE = build_prompt("2 + 3 = 5", "pcot") + "    result = 5\n    return result\n" + f"{ANSWER_TRIGGER} 5"
 
+logger = logging.getLogger("reft")
+
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
@@ -64,9 +67,24 @@ def load_tokenizer(path: Union[str, Path]) -> PreTrainedTokenizerBase:
     """
     config_file = Path(path) / "tokenizer_config.json"
     if not config_file.is_file() or json.loads(config_file.read_text()).get("tokenizer_class") not in TOKENIZER_CLASSES:
-        return AutoTokenizer.from_pretrained(path)
+        return with_pad_token(AutoTokenizer.from_pretrained(path), where=str(path))
     tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
     check_round_trip(tokenizer, [PROBE], where=f"the tokenizer at {path}")
+    return with_pad_token(tokenizer, where=str(path))
+
+
+def with_pad_token(tokenizer: PreTrainedTokenizerBase, where: str) -> PreTrainedTokenizerBase:
+    """The tokenizer with a pad token: its own, else its EOS (logged), as the paper's code pads
+    CodeLlama, whose tokenizer has none. Padding is never read: every batch carries its attention
+    and response masks, built from lengths, not by comparing ids with the pad id (with pad = EOS
+    such a comparison would drop the EOS every target ends with)."""
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"the tokenizer at {where} has neither a pad nor an EOS token: a model must end its "
+                             "answers with EOS (set eos_token in its tokenizer_config.json)")
+        tokenizer.pad_token = tokenizer.eos_token
+        logger.info("the tokenizer at %s has no pad token: padding with EOS %r (id %d)", where,
+                    tokenizer.eos_token, tokenizer.eos_token_id)
     return tokenizer
 
 

@@ -446,9 +446,32 @@ def value_loss_mse(
     return LossOutput(loss=loss, metrics=metrics)
 
 
-def ppo_total_loss(policy_loss: Tensor, value_loss: Tensor, vf_coef: float = 5.0) -> Tensor:
-    """L_RL = L_policy + alpha * L_value, alpha = 5 (the paper's value-loss coefficient)."""
-    return policy_loss + vf_coef * value_loss
+def kl_loss(
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    mask: Tensor,
+    agg_mode: str = "token-mean",
+    num_tokens_global: Optional[Union[int, Tensor]] = None,
+    num_seqs_global: Optional[Union[int, Tensor]] = None,
+) -> Tensor:
+    """GRPO's KL term (Shao et al. 2024, DeepSeekMath eq. 3-4): the k3 estimate of
+    KL(pi_theta || pi_ref) per generated token, pi_ref / pi_theta - log(pi_ref / pi_theta) - 1,
+    aggregated as the policy loss is. A loss term, WITH grad through ``logprobs`` (the critic-free
+    estimators' scores carry no KL; ReFT's KL is in its reward instead, ``shape_rewards``).
+    Padding is ignored (0 there, even NaN). Its gradient per token is 1 - pi_ref / pi_theta: it
+    pulls the policy back where it has moved above the reference and pushes where below."""
+    _check_shapes(logprobs=logprobs, ref_logprobs=ref_logprobs, mask=mask)
+    valid = mask.bool()
+    per_token = kl_penalty(torch.where(valid, logprobs, 0.0), torch.where(valid, ref_logprobs, 0.0), "k3")
+    return agg_loss(per_token, mask, agg_mode, num_tokens_global, num_seqs_global)
+
+
+def ppo_total_loss(policy_loss: Tensor, value_loss: Tensor, vf_coef: float = 5.0,
+                   kl_term: Optional[Tensor] = None, kl_loss_coef: float = 0.0) -> Tensor:
+    """L_RL = L_policy + alpha * L_value (alpha = 5, the paper's value-loss coefficient), plus
+    kl_loss_coef * L_KL for the critic-free estimators (``kl_loss``; GRPO's beta 0.04)."""
+    total = policy_loss + vf_coef * value_loss
+    return total if kl_term is None or not kl_loss_coef else total + kl_loss_coef * kl_term
 
 
 # --------------------------------------------------------------------------------------------

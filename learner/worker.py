@@ -49,6 +49,7 @@ from learner.algos import (
     entropy_from_logits,
     get_policy_loss,
     get_value_loss,
+    kl_loss,
     logprobs_from_logits,
     ppo_total_loss,
 )
@@ -69,7 +70,7 @@ PPO_KEYS = BATCH_KEYS + ("old_logprobs", "old_values", "advantages", "returns")
 # ppo_update's metrics. Per optimizer step: pg_loss and vf_loss as optimised (``loss_agg_mode``
 # over the step's global counts); the rest are means over the step's response tokens on all ranks.
 # Then averaged over the update's steps.
-PPO_METRICS = ("pg_loss", "vf_loss", "approx_kl", "clipfrac", "vf_clipfrac", "entropy")
+PPO_METRICS = ("pg_loss", "vf_loss", "kl_loss", "approx_kl", "clipfrac", "vf_clipfrac", "entropy")
 
 
 class TokenOutputs(NamedTuple):
@@ -254,18 +255,21 @@ class LearnerWorker:
     # ------------------------------------------------------------------ training
 
     @busy
-    def ppo_update(self, batch: dict[str, Tensor], temperature: float) -> dict[str, float]:
+    def ppo_update(self, batch: dict[str, Tensor], temperature: float, kl_loss_coef: float = 0.0) -> dict[str, float]:
         """``ppo_epochs`` passes over this rank's shard, each cut into ``ppo_mini_batches``
         mini-batches taken in order (one optimizer step each, accumulated over micro-batches).
 
         Loss per step: L = L_policy + vf_coef * L_value, the registered losses that
         ``learner.policy_loss`` and ``learner.value_loss`` name (``learner.algos``), aggregated with
-        ``loss_agg_mode`` over the step's GLOBAL counts (module docstring). Returns ``PPO_METRICS``
+        ``loss_agg_mode`` over the step's GLOBAL counts (module docstring); with ``kl_loss_coef``
+        > 0 also + kl_loss_coef * k3 KL to the reference (``algos.kl_loss``: GRPO's term), which
+        needs ``ref_logprobs`` in the batch. Returns ``PPO_METRICS``
         (global per step, averaged over the steps),
         ``grad_norm`` (pre-clip, averaged over the steps), ``lr`` (of the last step) and
         ``optimizer_steps``. All ranks return the same numbers.
         """
-        _check_batch(batch, PPO_KEYS)
+        keys = PPO_KEYS + (("ref_logprobs",) if kl_loss_coef else ())
+        _check_batch(batch, keys)
         cfg = self.cfg
         policy_loss, value_loss = get_policy_loss(cfg.policy_loss), get_value_loss(cfg.value_loss)
         bounds = self._mini_batch_bounds(batch)
@@ -277,7 +281,7 @@ class LearnerWorker:
             for k, (start, stop) in enumerate(bounds):
                 n_tokens, n_seqs = token_counts[k], seq_counts[k]
                 step_sums = torch.zeros(len(PPO_METRICS), dtype=torch.float64, device=self.engine.device)
-                for mb in self._accumulation(batch, PPO_KEYS, start, stop):
+                for mb in self._accumulation(batch, keys, start, stop):
                     out = self.engine.forward(mb["input_ids"], mb["attention_mask"])
                     tok = token_outputs(mb["input_ids"], out.logits, out.values, temperature, with_entropy=True)
                     mask = mb["response_mask"]
@@ -297,13 +301,17 @@ class LearnerWorker:
                     else:  # no critic (learner.value_head = none): the policy loss alone
                         vf_loss = vf_clipfrac = torch.zeros((), device=pg.loss.device)
                     pg_loss = pg.loss
+                    kl_term = (kl_loss(tok.logprobs, mb["ref_logprobs"], mask, cfg.loss_agg_mode, **global_counts)
+                               if kl_loss_coef else torch.zeros((), device=pg.loss.device))
                     # x world_size: DeepSpeed averages gradients over ranks (module docstring).
-                    self.engine.backward(ppo_total_loss(pg_loss, vf_loss, cfg.vf_coef) * self.world_size)
+                    total = ppo_total_loss(pg_loss, vf_loss, cfg.vf_coef, kl_term, kl_loss_coef)
+                    self.engine.backward(total * self.world_size)
                     with torch.no_grad():
                         weight = mask.sum() / n_tokens  # this micro-batch's share of the step's tokens
                         step_sums += torch.stack([
                             pg_loss.detach(),
                             vf_loss.detach(),
+                            kl_term.detach(),
                             pg.metrics["approx_kl"] * weight,
                             pg.metrics["clipfrac"] * weight,
                             vf_clipfrac * weight,

@@ -306,7 +306,8 @@ def floors(cfg, recipe, warmup: str, samples, pad_id: int, train, threads: int, 
     from cluster.experience import samples_to_batch
     torch.set_num_threads(threads)
     batch = samples_to_batch(samples, pad_id)
-    kl_coef = recipe.kl_coef(cfg)
+    # Either KL term needs the reference pass: ReFT's in the reward, GRPO's / RLOO's in the loss.
+    kl_coef = recipe.kl_coef(cfg) or getattr(recipe, "kl_loss_coef", lambda _cfg: 0.0)(cfg)
     # The scoring passes the algorithm needs: the policy's only where the sampler's log-probs
     # cannot stand for PPO's old policy (bf16); the critic's only where the estimator reads values.
     sampler_dtype = cfg.rollout.resolved_dtype(on_gpu=False)

@@ -30,21 +30,26 @@ def scored(text: str, score: Score = RIGHT, finish: str = "stop", index: int = 0
                   score)
 
 
-def test_offline_selection_keeps_distinct_finished_correct_cots_up_to_the_cap():
+def test_offline_selection_keeps_the_first_distinct_correct_cots_as_the_papers_code():
+    """train_sl_model.py: the correct samples, stripped and de-duplicated, the first `keep`; a copy
+    of the gold among them counts but is not added twice; a length-capped correct sample is kept."""
     (gold,) = generate(SyntheticConfig(num_train=1, num_test=1), cot_kind="ncot")[0]
     samples = [
         scored("a\nTherefore, the answer is: 7"),
-        scored("a\nTherefore, the answer is: 7"),             # duplicate of the first
+        scored("a\nTherefore, the answer is: 7 "),            # duplicate of the first once stripped
         scored("b\nTherefore, the answer is: 8", WRONG),      # wrong
-        scored("c\nTherefore, the answer is: 7", finish="length"),   # cut by the length cap
+        scored("c\nTherefore, the answer is: 7", finish="length"),   # cut by the length cap: kept
         scored(gold.cot),                                     # a copy of the gold CoT
         scored("d\nTherefore, the answer is: 7"),
-        scored("e\nTherefore, the answer is: 7"),             # over the cap of 2
+        scored("e\nTherefore, the answer is: 7"),
     ]
-    added = self_training_examples([gold], [samples], keep=2)
-    assert [e.cot for e in added] == ["a\nTherefore, the answer is: 7", "d\nTherefore, the answer is: 7"]
+    cots = lambda keep: [e.cot for e in self_training_examples([gold], [samples], keep=keep)]   # noqa: E731
+    assert cots(2) == ["a\nTherefore, the answer is: 7", "c\nTherefore, the answer is: 7"]
+    assert cots(3) == cots(2)                                  # the third distinct one is the gold's copy
+    assert cots(4) == cots(2) + ["d\nTherefore, the answer is: 7"]
+    added = self_training_examples([gold], [samples], keep=10)
     assert all((e.question, e.answer) == (gold.question, gold.answer) for e in added)
-    assert len({e.id for e in added} | {gold.id}) == 3
+    assert len({e.id for e in added} | {gold.id}) == len(added) + 1
 
 
 def test_offline_selection_gives_pcot_samples_their_header_back():
@@ -85,7 +90,7 @@ def test_online_st_loads_no_reference_model():
     # The learner holds the reference model only for a KL penalty: online_st has none.
     from cluster.recipes import RLRecipe, get_recipe
     recipe = get_recipe("online_st")
-    assert isinstance(recipe, RLRecipe) and not recipe.uses_kl
+    assert isinstance(recipe, RLRecipe) and recipe.kl == "none"
     cfg = load_config(RunConfig, "experiments/configs/smoke.yaml", ["rl.algorithm=online_st"])
     assert recipe.kl_coef(cfg) == 0 and recipe.make_learn.__name__ == "online_st_learn"
     assert not OnlineSTLearn.with_reference

@@ -40,3 +40,18 @@ def test_no_algorithm_name_branches_in_the_driver():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Compare) and "algorithm" in ast.unparse(node.left):
                 raise AssertionError(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
+
+
+def test_each_kl_goes_where_its_algorithm_puts_it():
+    """ReFT's KL is in the reward (rl.kl_coef), GRPO's and RLOO's a k3 loss term (rl.kl_loss_coef,
+    DeepSeekMath's 0.04 by default; 0 skips the reference pass); the wrong key is refused."""
+    base = load_config(RunConfig, ROOT / "experiments" / "configs" / "synthetic" / "grpo.yaml")
+    grpo, reft = get_recipe("grpo"), get_recipe("reft")
+    assert (grpo.kl_coef(base), grpo.kl_loss_coef(base)) == (0.0, 0.04)
+    assert (reft.kl_coef(base), reft.kl_loss_coef(base)) == (0.05, 0.0)
+    none = load_config(RunConfig, ROOT / "experiments" / "configs" / "synthetic" / "grpo.yaml", ["rl.kl_loss_coef=0"])
+    assert grpo.kl_loss_coef(none) == 0.0
+    with pytest.raises(ConfigError, match=r"rl.kl_coef is the KL penalty in ReFT's reward; rl.algorithm=grpo takes"):
+        grpo.check(load_config(RunConfig, ROOT / "experiments" / "configs" / "synthetic" / "grpo.yaml", ["rl.kl_coef=0.1"]))
+    with pytest.raises(ConfigError, match=r"rl.kl_loss_coef is the KL loss term of grpo / rloo; rl.algorithm=reft"):
+        reft.check(load_config(RunConfig, ROOT / SMOKE, ["rl.kl_loss_coef=0.1"]))

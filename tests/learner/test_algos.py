@@ -514,3 +514,38 @@ def test_entropy_and_its_gradient_match_the_float64_definition_on_random_logits(
     (grad,) = torch.autograd.grad(h.sum(), logits)
     (ref_grad,) = torch.autograd.grad(ref.sum(), ref_logits)
     torch.testing.assert_close(grad, ref_grad.float(), rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- GRPO's KL loss term
+
+def test_kl_loss_is_k3_by_hand_and_ignores_padding():
+    # Two tokens of one sequence, then padding (NaN there must not leak).
+    logprobs = torch.tensor([[math.log(0.5), math.log(0.25), float("nan")]])
+    ref = torch.tensor([[math.log(0.25), math.log(0.5), float("nan")]])
+    mask = torch.tensor([[1, 1, 0]])
+    # k3 = r - log r - 1 with r = pi_ref / pi: r = 0.5 -> 0.5 + log 2 - 1; r = 2 -> 2 - log 2 - 1.
+    expected = ((0.5 + math.log(2) - 1) + (2 - math.log(2) - 1)) / 2
+    assert algos.kl_loss(logprobs, ref, mask).item() == pytest.approx(expected)
+    assert algos.kl_loss(ref, ref, mask).item() == 0.0   # at the reference: no KL
+
+
+def test_the_kl_loss_term_changes_the_policy_gradient():
+    """GRPO with beta > 0: the same surrogate, plus beta * k3, whose gradient per token is
+    beta * (1 - pi_ref / pi_theta) / T: hand-computed here for one sequence of two tokens."""
+    logits = torch.tensor([[math.log(0.5), math.log(0.25)]], requires_grad=True)   # log pi of 2 tokens
+    ref = torch.tensor([[math.log(0.25), math.log(0.5)]])
+    mask = torch.ones(1, 2)
+    adv = torch.tensor([[1.0, 1.0]])
+
+    def grad(kl_loss_coef):
+        logits.grad = None
+        pg = algos.policy_loss_ppo(logits, logits.detach(), adv, mask, agg_mode="seq-mean-token-mean")
+        kl = algos.kl_loss(logits, ref, mask, agg_mode="seq-mean-token-mean")
+        algos.ppo_total_loss(pg.loss, torch.zeros(()), 5.0, kl, kl_loss_coef).backward()
+        return logits.grad.clone()
+
+    without, beta = grad(0.0), 0.04
+    assert torch.allclose(without, torch.tensor([[-0.5, -0.5]]))   # -A * rho / T at rho = 1
+    with_kl = grad(beta)
+    # d k3 / d log pi = 1 - pi_ref / pi: token 1 (pi above the reference) 1 - 0.5, token 2: 1 - 2.
+    assert torch.allclose(with_kl - without, torch.tensor([[beta * 0.5 / 2, beta * -1.0 / 2]]))

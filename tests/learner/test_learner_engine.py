@@ -210,8 +210,15 @@ def test_ppo_first_step_is_on_policy_and_bad_batches_fail(worker):
     assert metrics["optimizer_steps"] == 1 and metrics["grad_norm"] > 0 and metrics["lr"] == 1e-3
     # values start at 0, returns are 1: L_value = 1/2 * mean (0 - 1)^2 = 0.5.
     assert metrics["vf_loss"] == pytest.approx(0.5, abs=1e-6)
-    assert set(metrics) == {"pg_loss", "vf_loss", "approx_kl", "clipfrac", "vf_clipfrac", "entropy",
+    assert set(metrics) == {"pg_loss", "vf_loss", "kl_loss", "approx_kl", "clipfrac", "vf_clipfrac", "entropy",
                             "grad_norm", "lr", "optimizer_steps"}
+    assert metrics["kl_loss"] == 0.0   # no KL loss term asked for
+    # GRPO's k3 term: the policy now differs from the one that scored the batch (taken as the
+    # reference), so the term is > 0; without the reference's log-probs the update refuses.
+    with_kl = worker.ppo_update(dict(ppo_batch, ref_logprobs=scores.logprobs), 1.0, 0.04)
+    assert with_kl["kl_loss"] > 0
+    with pytest.raises(KeyError, match="ref_logprobs"):
+        worker.ppo_update(ppo_batch, 1.0, 0.04)
 
     left_padded = dict(batch, attention_mask=batch["attention_mask"].flip(1))
     with pytest.raises(ValueError, match="right-padded"):
