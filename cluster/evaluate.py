@@ -217,10 +217,12 @@ class HFEvaluator(Evaluator):
 def hf_greedy(model, tokenizer, requests: Sequence["SampleRequest"]) -> list["Sample"]:
     """Greedy completions of token-id prompts with one batched ``model.generate`` (left-padded),
     as ``Sample``s: the completion's tokens up to and including EOS, its text decoded without
-    special tokens (as vLLM's). ``max_tokens`` of the first request applies to all."""
+    special tokens and after its prompt (as vLLM's, `formats.hf.decode_completion`).
+    ``max_tokens`` of the first request applies to all."""
     import torch
 
     from actors.rollout import Sample
+    from formats.hf import decode_completion
 
     pad_id = tokenizer.pad_token_id   # formats.hf.load_tokenizer: EOS when the tokenizer has none
     eos = tokenizer.eos_token_id
@@ -242,6 +244,6 @@ def hf_greedy(model, tokenizer, requests: Sequence["SampleRequest"]) -> list["Sa
         if eos in row:
             row, finish = row[:row.index(eos) + 1], "stop"
         out.append(Sample(request.request_id, 0, tuple(ids), tuple(row),
-                          tokenizer.decode(row, skip_special_tokens=True), (), finish, 0, "hf",
+                          decode_completion(tokenizer, ids, row), (), finish, 0, "hf",
                           question_index=request.question_index))
     return out

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import json
 import logging
 import time
 from pathlib import Path
@@ -55,6 +56,7 @@ from formats.records import Example, prompt_token_ids
 from learner.worker import PPO_KEYS, LearnerWorker
 
 logger = logging.getLogger("reft")
+SAMPLES_FILE = "samples.jsonl"   # <run_dir>/rl/: the first step's samples, then one step's per evaluation
 
 
 class Learn(Protocol):
@@ -194,6 +196,8 @@ class RLTrainer:
         if self.prefetched != indices:            # on-policy, or the first step (nothing prefetched)
             self.fleet.submit(sample_requests(self.train_set, indices, state.step, cfg, self.tokenizer))
         samples, scores = self.collect_and_score(len(indices) * rl.samples_per_question)            # 2, 3
+        if state.step % rl.eval_every == 0:       # the first batch, then one per evaluation
+            self.write_samples(samples, scores)
         self.prefetched = self.prefetch_next() if rl.max_staleness else None
         timing["timing/rollout_s"] = time.perf_counter() - t0
         if self.colocate:
@@ -208,6 +212,19 @@ class RLTrainer:
         state.trained_s += step_seconds(timing)
         metrics.update(self.sample_metrics(samples, scores, timing))
         return metrics
+
+    def write_samples(self, samples: list[Sample], scores: list) -> None:
+        """The step's samples as the learner gets them, one JSON line each, to
+        ``<run_dir>/rl/samples.jsonl``: what the policy writes and how it was scored, to read
+        (and the prompt token ids, to check that the samplers saw the prompts SFT trained on)."""
+        with open(self.run_dir / "rl" / SAMPLES_FILE, "a", encoding="utf-8") as f:
+            for sample, score in zip(samples, scores):
+                f.write(json.dumps({
+                    "step": self.state.step, "question_id": self.train_set[sample.question_index].id,
+                    "index": sample.index, "policy_version": sample.policy_version,
+                    "prompt_token_ids": list(sample.prompt_token_ids),
+                    "completion_token_ids": list(sample.completion_token_ids), "completion": sample.completion_text,
+                    "finish_reason": sample.finish_reason, **dataclasses.asdict(score)}) + "\n")
 
     def sync_weights(self) -> float:
         """Version v+1 to every sampler: learner rank 0 publishes it (``publish_weights``), the

@@ -102,6 +102,20 @@ def check_round_trip(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], w
                              "covers this text")
 
 
+def decode_completion(tokenizer: PreTrainedTokenizerBase, prompt_ids: Sequence[int],
+                      completion_ids: Sequence[int]) -> str:
+    """The text a completion adds to its prompt, special tokens skipped: decode(prompt +
+    completion) minus decode(prompt), as vLLM's incremental detokenizer gives it. Decoding the
+    completion alone is not the same for SentencePiece-style tokenizers (Llama's), whose decoder
+    drops the first space of a sequence: a P-CoT body's first line would lose one space of its
+    indentation and fail to run."""
+    prefix = tokenizer.decode(list(prompt_ids), skip_special_tokens=True)
+    whole = tokenizer.decode(list(prompt_ids) + list(completion_ids), skip_special_tokens=True)
+    if whole.startswith(prefix):
+        return whole[len(prefix):]
+    return tokenizer.decode(list(completion_ids), skip_special_tokens=True)   # a decoder that rewrites the prompt
+
+
 # ------------------------------------------------------------------------------- models
 
 

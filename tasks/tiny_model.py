@@ -34,6 +34,8 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     GenerationConfig,
+    LlamaTokenizer,
+    PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
 
@@ -108,11 +110,42 @@ def train_tokenizer(corpus_texts: Iterable[str], max_value: int,
                                    clean_up_tokenization_spaces=False, model_max_length=model_max_length)
 
 
+LLAMA_SPECIALS = ("<unk>", "<s>", "</s>")   # ids 0, 1, 2 as in Llama / CodeLlama; no pad token
+
+
+def train_llama_tokenizer(corpus_texts: Iterable[str], vocab_size: int = 2000,
+                          model_max_length: int = 1024) -> PreTrainedTokenizerBase:
+    """A tokenizer of the shape CodeLlama's has, trained on ``corpus_texts``: SentencePiece-style
+    BPE ("▁" for spaces, prepended to the first piece; byte fallback, so any text encodes), ids
+    0-2 = <unk>, <s>, </s>, then the 256 byte tokens; BOS added by ``encode`` unless
+    ``add_special_tokens=False``; NO pad token. Decoding a sequence alone drops its first space
+    (Llama's decoder strips the prepended "▁"), which is why a completion is decoded after its
+    prompt (`formats.hf.decode_completion`). For tests of the pretrained-model path, where a real
+    checkpoint cannot be downloaded."""
+    bpe = Tokenizer(models.BPE(unk_token=LLAMA_SPECIALS[0], byte_fallback=True))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=True)
+    specials = [*LLAMA_SPECIALS, *(f"<0x{i:02X}>" for i in range(256))]
+    bpe.train_from_iterator(list(corpus_texts), trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, min_frequency=2, show_progress=False))
+    model = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    # LlamaTokenizer puts Llama's own normaliser, decoder and BOS template around the trained BPE.
+    return LlamaTokenizer(vocab=model["vocab"], merges=merges, add_bos_token=True, model_max_length=model_max_length)
+
+
 def build_tiny_model(out_dir: Union[str, Path], corpus_texts: Iterable[str], cfg: TinyModelConfig,
-                     max_value: int) -> Path:
-    """Train the tokenizer, build a random-init model around it, and save both (fp32 safetensors) in out_dir."""
+                     max_value: int, tokenizer: str = "word") -> Path:
+    """Train the tokenizer, build a random-init model around it, and save both (fp32 safetensors) in out_dir.
+
+    ``tokenizer``: "word", the project's word-level tokenizer (integers 0..max_value one token
+    each, exact round trip); "llama", a CodeLlama-shaped one (`train_llama_tokenizer`: BOS, no pad
+    token) with the model's config naming BOS 1 and EOS 2 as a Llama checkpoint's does."""
     out_dir = Path(out_dir)
     corpus_texts = list(corpus_texts)
+    if tokenizer == "llama":
+        return _save_llama_like(out_dir, corpus_texts, cfg)
+    if tokenizer != "word":
+        raise ValueError(f"build_tiny_model: tokenizer must be 'word' or 'llama', got {tokenizer!r}")
     tokenizer = train_tokenizer(corpus_texts, max_value, cfg.max_position_embeddings)
     check_round_trip(tokenizer, corpus_texts, where="the corpus")
 
@@ -136,4 +169,20 @@ def build_tiny_model(out_dir: Union[str, Path], corpus_texts: Iterable[str], cfg
     tokenizer_config["tokenizer_class"] = TOKENIZER_CLASSES[0]
     tokenizer_config["auto_map"] = {"AutoTokenizer": [None, "tokenization_reft.NoRemoteCode"]}
     config_file.write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+    return out_dir
+
+
+def _save_llama_like(out_dir: Path, corpus_texts: list[str], cfg: TinyModelConfig) -> Path:
+    tokenizer = train_llama_tokenizer(corpus_texts, model_max_length=cfg.max_position_embeddings)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    config = AutoConfig.for_model(
+        cfg.arch, vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+        max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=cfg.tie_word_embeddings,
+        bos_token_id=bos, eos_token_id=eos, pad_token_id=None, dtype=torch.float32)
+    torch.manual_seed(cfg.seed)
+    model = AutoModelForCausalLM.from_config(config).float()
+    model.generation_config = GenerationConfig(bos_token_id=bos, eos_token_id=eos)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
     return out_dir
