@@ -69,14 +69,14 @@ class RLRecipe:
             raise ConfigError(f"rl.top_p = {rl.top_p}: the learner scores the untruncated softmax at rl.temperature, "
                               "so PPO's ratio and the KL would compare another policy than the one sampled; "
                               "use rl.top_p = 1")
-        if self.kl != "reward" and rl.kl_coef is not None:
-            raise ConfigError(f"rl.kl_coef is the KL penalty in ReFT's reward; rl.algorithm={self.name} "
-                              + ("takes its KL as a loss term: set rl.kl_loss_coef" if self.kl == "loss"
-                                 else "has no KL term") + f" (got rl.kl_coef={rl.kl_coef})")
-        if self.kl != "loss" and rl.kl_loss_coef is not None:
+        # A KL coefficient for the other kind of KL term is a mistake worth stopping for; a recipe
+        # without a KL term (online_st) ignores both, so that a paper config's beta does not stop it.
+        if self.kl == "loss" and rl.kl_coef is not None:
+            raise ConfigError(f"rl.kl_coef is the KL penalty in ReFT's reward; rl.algorithm={self.name} takes its "
+                              f"KL as a loss term: set rl.kl_loss_coef (got rl.kl_coef={rl.kl_coef})")
+        if self.kl == "reward" and rl.kl_loss_coef is not None:
             raise ConfigError(f"rl.kl_loss_coef is the KL loss term of grpo / rloo; rl.algorithm={self.name} "
-                              + ("penalises the KL in its reward: set rl.kl_coef" if self.kl == "reward"
-                                 else "has no KL term") + f" (got rl.kl_loss_coef={rl.kl_loss_coef})")
+                              f"penalises the KL in its reward: set rl.kl_coef (got rl.kl_loss_coef={rl.kl_loss_coef})")
         if self.on_policy and rl.max_staleness:
             raise ConfigError(f"rl.max_staleness must be 0 for rl.algorithm={self.name} (the paper's baselines "
                               f"are on-policy), got {rl.max_staleness}")

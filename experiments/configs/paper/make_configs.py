@@ -52,7 +52,9 @@ TEMPLATE = """\
 #   ray job submit --working-dir . -- reft train --config experiments/configs/paper/{name}.yaml
 #
 # The baselines of the cell, from the same warm-up (add rl.warmup_checkpoint=runs/{name}/sft/epoch-{warmup}
-# to reuse this run's), with the paper's epochs (exps/paper_exps/{{SFT,OffSL,OnSL}}):
+# to reuse this run's), with the paper's epochs (exps/paper_exps/{{SFT,OffSL,OnSL}}): SFT continues the
+# warm-up's {sft_in_all}-epoch schedule to its end; offline self-training runs 20 epochs from the pretrained
+# model with a schedule of its own:
 #   reft train --config experiments/configs/paper/{name}.yaml name={name}-sft rl.algorithm=sft rl.epochs={sft_epochs}
 #   reft train --config experiments/configs/paper/{name}.yaml name={name}-offline_st rl.algorithm=offline_st rl.epochs={offline_epochs}
 #   reft train --config experiments/configs/paper/{name}.yaml name={name}-online_st rl.algorithm=online_st
@@ -72,9 +74,11 @@ learner:
   vf_coef: 5.0
 sft:
   epochs: {warmup:<22} # warm-up, paper: 2 for GSM8K, SVAMP, MathQA P-CoT; 5 MathQA N-CoT; 10 MathQA-numeric
+  schedule_epochs: {sft_in_all:<13} # ... of a {sft_in_all}-epoch SFT run: RL starts from that run's epoch-{warmup} checkpoint
   batch_size: 48                 # 3 per GPU x 8 GPUs x 2 accumulation steps (SFT/_template.sh)
   lr: 1.0e-5
-  warmup_ratio: 0.1
+  lr_schedule: linear_warmup_decay   # get_linear_schedule_with_warmup (train_sft_model.py)
+  warmup_ratio: 0.1              # of the whole {sft_in_all}-epoch schedule (warmup_step=-100)
   max_length: 1024
   eval_max_new_tokens: 400       # as rl.max_new_tokens
 rl:
@@ -115,7 +119,7 @@ def cells() -> dict[str, str]:
                 out[f"{name}.yaml"] = TEMPLATE.format(
                     name=name, dataset=dataset, cot_kind=cot_kind, model=model, dataset_label=dataset_label,
                     cot_label=cot_label, model_label=model_label, warmup=warmup,
-                    kl=kl, kl_reason=kl_reason, sft_epochs=SFT_EPOCHS_IN_ALL - warmup,
+                    kl=kl, kl_reason=kl_reason, sft_epochs=SFT_EPOCHS_IN_ALL - warmup, sft_in_all=SFT_EPOCHS_IN_ALL,
                     offline_epochs=OFFLINE_ST_EPOCHS)
     return out
 
