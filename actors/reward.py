@@ -15,6 +15,9 @@ as 0 would hide a broken dataset.
 A P-CoT sample is the model's continuation of the P-CoT prompt, which already holds the function
 header; give its ``question`` and the header is put back before the program is cut and run
 (``rewards.score.prepare_program``, once, in ``Scorer.score``). Without a question the completion must be a whole program.
+Under the paper rule (``reward.rule``, the default) an N-CoT sample's question is used too: the
+official code reads the decoded prompt + completion. Every `Score` says which rule made it
+(``Score.rule``), and so does ``stats()["rule"]``.
 """
 from __future__ import annotations
 
@@ -35,7 +38,7 @@ class RewardItem:
     cot_kind: str                                 # "ncot" | "pcot"
     dataset: str                                  # decides numeric vs MCQ comparison
     options: Optional[Mapping[str, str]] = None   # MCQ options {"a": "38", ...}
-    question: Optional[str] = None                # P-CoT: the prompt's question (module docstring)
+    question: Optional[str] = None                # the prompt's question (module docstring)
 
 
 ItemLike = Union[RewardItem, tuple]   # a tuple in RewardItem's field order
@@ -76,9 +79,10 @@ class RewardWorker:
 
     def stats(self) -> dict:
         """Counts since start: batches, items, correct, each status; per-batch seconds (the last
-        1000 batches: last, mean, max)."""
+        1000 batches: last, mean, max); the reward rule that scores them."""
         seconds = list(self._batch_seconds)
         return {
+            "rule": self.cfg.rule,
             "batches": len(seconds),
             "items": self._items,
             "correct": self._correct,

@@ -1,7 +1,7 @@
 """The ``reft`` command line.
 
-    reft reward --kind ncot|pcot --gold ANSWER|--gold-fd FD [--dataset NAME] < completion.txt
-    reft audit-rewards --dataset NAME|all [--split train|test] [--kind ncot|pcot] [--path FILE]
+    reft reward --kind ncot|pcot --gold ANSWER|--gold-fd FD [--dataset NAME] [--rule paper|lenient] < completion.txt
+    reft audit-rewards --dataset NAME|all [--split train|test] [--kind ncot|pcot] [--path FILE] [--rule paper|lenient|both]
     reft sft [--config FILE] [key.sub=value ...]
     reft train [--config FILE] [--resume RUN_DIR] [--dry-run] [key.sub=value ...]
     reft eval --checkpoint DIR --dataset NAME [--samples K] [--rerank DIR] [--out DIR] [key.sub=value ...]
@@ -25,11 +25,17 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "configs"
 def reward_config(args, **fixed):
     """RewardConfig's defaults, with what the command line set (flags default to None: one source)."""
     from rewards.score import RewardConfig
-    given = {"partial_reward": getattr(args, "partial_reward", None), "program_timeout_s": args.timeout}
+    rule = getattr(args, "rule", None)
+    given = {"partial_reward": getattr(args, "partial_reward", None), "program_timeout_s": args.timeout,
+             "rule": None if rule == "both" else rule}
     return RewardConfig(**{k: v for k, v in given.items() if v is not None}, **fixed)
 
 
-class GoldInputError(ValueError):
+class CommandLineError(ValueError):
+    """Arguments that do not fit together: reported as an error, without a traceback."""
+
+
+class GoldInputError(CommandLineError):
     """The gold answer could not be read."""
 
 
@@ -59,39 +65,52 @@ def cmd_reward(args) -> int:
         except ValueError as e:          # a gold answer that is not one (e.g. not a number)
             raise GoldInputError(str(e)) from e
     print(json.dumps({"reward": score.reward, "answer": score.answer, "status": score.status,
-                      "correct": score.correct, "detail": score.detail}))
+                      "correct": score.correct, "detail": score.detail, "rule": score.rule}))
     return 0
 
 
-def cmd_audit_rewards(args) -> int:
-    from rewards.audit import audit_examples, format_table
-    from rewards.score import Scorer
-    from tasks.datasets import DATASETS, SPLITS, load_dataset
+def audit_targets(args) -> list[tuple[str, str, str, object]]:
+    """(dataset, split, kind, path or None) to audit. ``--path``: that file, of the kind its CoTs
+    are (`tasks.datasets.infer_cot_kind`) unless ``--kind`` says; a test set is audited as N-CoT,
+    its answers read through the paper's answer line."""
+    from tasks.datasets import DATASETS, SPLITS, infer_cot_kind
 
+    if args.path:
+        if args.dataset in ("all", "synthetic"):
+            raise CommandLineError(f"--path needs the file's dataset (--dataset one of {DATASETS[:-1]}), not {args.dataset!r}")
+        return [(args.dataset, args.split or "train", args.kind or infer_cot_kind(args.path) or "ncot", args.path)]
     names = [d for d in DATASETS if d != "synthetic"] if args.dataset == "all" else [args.dataset]
-    targets = []   # (dataset, split, kind) with a file
-    if args.path:  # one explicit file
-        names = []
-        targets = [(args.dataset, args.split or "train", args.kind or "ncot")]
+    targets = []
     for name in names:
         for split in ([args.split] if args.split else SPLITS):
             # Real test sets carry answers only (one N-CoT audit); the synthetic task has CoTs everywhere.
             only_answers = split == "test" and name != "synthetic"
-            kinds = [args.kind] if args.kind else (["ncot"] if only_answers else ["ncot", "pcot"])
-            targets += [(name, split, kind) for kind in kinds]
+            kinds = ["ncot"] if only_answers else [args.kind] if args.kind else ["ncot", "pcot"]
+            targets += [(name, split, kind, None) for kind in kinds]
+    return targets
 
-    results, missing = [], []
+
+def cmd_audit_rewards(args) -> int:
+    from rewards.audit import audit_examples, disagreements, format_table
+    from rewards.score import RULES, Scorer
+    from tasks.datasets import load_dataset
+
+    rules = list(RULES) if args.rule == "both" else [args.rule]
+    results, missing, differing = [], [], []
     with Scorer(reward_config(args)) as scorer:
-        for name, split, kind in targets:
+        for name, split, kind, path in audit_targets(args):
             try:
-                examples = load_dataset(name, split, kind, data_dir=args.data_dir, path=args.path)
+                examples = load_dataset(name, split, kind, data_dir=args.data_dir, path=path)
             except FileNotFoundError as e:
                 missing.append(str(e))
                 continue
             if split == "train" and examples and examples[0].cot is None:
                 missing.append(f"{name}/{split}/{kind}: file has no gold CoTs")
                 continue
-            results.append(audit_examples(examples, split, scorer, progress=not args.quiet))
+            rows = [audit_examples(examples, split, scorer, rule=rule, progress=not args.quiet) for rule in rules]
+            if len(rows) == 2:
+                differing.append((rows[0], disagreements(*rows)))
+            results += rows
 
     if not results:
         print("nothing audited:\n  " + "\n  ".join(missing), file=sys.stderr)
@@ -99,16 +118,27 @@ def cmd_audit_rewards(args) -> int:
     print(format_table(results))
     for r in results:
         for f in r.failures:
-            print(f"FAIL {r.dataset}/{r.split}/{r.cot_kind} {f['id']}: gold={f['gold']!r} "
+            print(f"FAIL {r.dataset}/{r.split}/{r.cot_kind} rule={r.rule} {f['id']}: gold={f['gold']!r} "
                   f"status={f['status']} answer={f['answer']!r} reason={f['reason']}")
+    for r, rows in differing:
+        if rows:
+            print(f"\n{r.dataset}/{r.split}/{r.cot_kind}: {len(rows)} gold rows the rules score differently"
+                  + (f" (first {args.show_disagreements})" if len(rows) > args.show_disagreements else ""))
+            for d in rows[:args.show_disagreements]:
+                print("  " + ", ".join(f"{k}={v!r}" for k, v in d.items()))
     for m in missing:
         print(f"skipped: {m}")
-    report = {"results": [dict(r.summary(), failures=r.failures) for r in results], "skipped": missing}
+    report = {"results": [dict(r.summary(), failures=r.failures) for r in results], "skipped": missing,
+              "disagreements": [dict(dataset=r.dataset, split=r.split, cot_kind=r.cot_kind, rows=rows)
+                                for r, rows in differing]}
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     print(json.dumps([r.summary() for r in results]))
-    ok = all(r.perturbed_scored_correct == 0 for r in results)
-    return 0 if ok else 1
+    bad = [f"{r.dataset}/{r.split}/{r.cot_kind} rule={r.rule}" for r in results if not r.ok]
+    if bad:
+        print("reward audit failed (a gold row not scored correct, or a perturbed one scored correct): "
+              + "; ".join(bad), file=sys.stderr)
+    return 1 if bad else 0
 
 
 def cmd_sft(args) -> int:
@@ -226,13 +256,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reward for a wrong but extracted answer (default: reward.partial_reward, the paper's 0.1)")
     p.add_argument("--timeout", type=float, default=None,
                    help="program time limit in seconds (default: reward.program_timeout_s, the paper's 10)")
+    p.add_argument("--rule", choices=["paper", "lenient"], default=None,
+                   help="how the answer is extracted and compared (default: reward.rule, the paper's)")
     p.set_defaults(func=cmd_reward)
 
-    p = sub.add_parser("audit-rewards", help="score every gold CoT of a dataset and perturbed copies; lists failures")
+    p = sub.add_parser("audit-rewards", help="score every gold CoT of a dataset and perturbed copies under both reward "
+                                             "rules; lists failures and the rows the rules disagree on; exit 1 on a failure")
     p.add_argument("--dataset", required=True, help="gsm8k | svamp | mathqa | mathqa-numeric | synthetic | all")
     p.add_argument("--split", choices=["train", "test"], default=None, help="default: both")
-    p.add_argument("--kind", choices=["ncot", "pcot"], default=None, help="default: both where files exist")
+    p.add_argument("--kind", choices=["ncot", "pcot"], default=None,
+                   help="default: both where files exist; with --path, the kind of the file's CoTs")
     p.add_argument("--path", type=Path, default=None, help="audit this file instead of the dataset's default")
+    p.add_argument("--rule", choices=["paper", "lenient", "both"], default="both",
+                   help="the reward rule(s) to audit (default: both, and the gold rows they score differently)")
+    p.add_argument("--show-disagreements", type=_positive_int, default=10, metavar="N",
+                   help="print at most N of the rows the two rules score differently, per file (all in --json)")
     p.add_argument("--data-dir", type=Path, default=None, help="default: $REFT_DATA_DIR, ./data or ../shared/data")
     p.add_argument("--timeout", type=float, default=None,
                    help="program time limit in seconds (default: reward.program_timeout_s)")
@@ -307,7 +345,7 @@ def main(argv=None) -> int:
         args.overrides.append("cluster.verbose=true")
     try:
         return args.func(args)
-    except (DatasetError, ConfigError, FileNotFoundError, GoldInputError) as e:
+    except (DatasetError, ConfigError, FileNotFoundError, CommandLineError) as e:
         # Bad input: say where, no traceback.
         print(f"reft {args.command}: error: {e}", file=sys.stderr)
         return 2

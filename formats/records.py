@@ -14,6 +14,10 @@ from typing import Mapping, Optional
 
 COT_KINDS = ("ncot", "pcot")
 ANSWER_TRIGGER = "Therefore, the answer is:"
+# The separators the paper's code splits a decoded sample on (lqtrung1998/mwp_ReFT train_*.py:
+# ``cot_trigger`` and ``answer_trigger``): the prompt's last line, and the N-CoT answer line.
+COT_TRIGGER = "\nAnswer reasoning:\n"
+ANSWER_LINE = f"\n{ANSWER_TRIGGER} "
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +45,14 @@ def build_prompt(question: str, cot_kind: str) -> str:
     if cot_kind == "pcot":
         prompt += pcot_header(question)
     return prompt
+
+
+def ncot_target(cot: str, answer: str) -> str:
+    """The N-CoT training target as the paper's data preparation builds it (``train_sft_model.py``):
+    the CoT stripped, then ``\\nTherefore, the answer is: {answer}`` appended, whatever the CoT
+    already ends with (the ReFT SVAMP file's CoTs end "Therefore, the answer is <203>.", a few end
+    with no answer at all). The one place a target's answer line is written."""
+    return f"{cot.strip()}{ANSWER_LINE}{answer.strip()}"
 
 
 def pcot_header(question: str) -> str:

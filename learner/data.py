@@ -24,7 +24,8 @@ class Tokenized:
 
 
 def sft_target(example: Example) -> str:
-    """The text the model learns to write after the prompt: the gold CoT.
+    """The text the model learns to write after the prompt: the gold CoT (for N-CoT the loaders
+    already made it the paper's target, `formats.records.ncot_target`).
 
     For P-CoT the prompt already ends with the ``def solution():`` header and docstring, so the
     target is the program's body.

@@ -10,8 +10,12 @@ Protocol, over the worker's stdin/stdout pipes: every message is a 4-byte big-en
 followed by that many bytes of UTF-8 JSON.
     worker -> host, once at startup: {"pid", "seccomp", "landlock_abi", "private_scratch",
                                       "drops_privileges", "problems"}
-    host -> worker, per program:     {"program": str, "timeout_s": float}
-    worker -> host, per program:     {"status", "answer", "detail", "seconds"}
+    host -> worker, per program:     {"program": str, "timeout_s": float, "namespace": str}
+    worker -> host, per program:     {"status", "answer", "number", "detail", "seconds"}
+
+How a program is run (``namespace``, see `execute`): "plain" runs it as a module and calls its
+``solution()``; "paper" runs it as the paper's code does (src/python_engine.py::run), with
+``math`` and ``sympy`` in its globals, and also reports ``float(value)`` ("number").
 
 Protection layers, applied in the child in this order; each holds even if a later one is bypassed
 (README, "The P-CoT sandbox", says what each stops):
@@ -35,6 +39,7 @@ can reach, but CPython offers no complete in-process isolation (e.g. `_ctypes`'s
 unloaded once imported), which is why 7 allows only harmless system calls.
 """
 import errno
+import gc
 import json
 import math
 import os
@@ -51,14 +56,19 @@ import types
 
 # Loaded before any fork, so that a program's `import` of them is a dictionary lookup: fast, and
 # possible at all when `nobody` cannot read the interpreter's files (e.g. a Python under /root).
-# First what a word-problem program may use; then the modules whose use the audit hook refuses,
-# so that a program trying them gets a clear "blocked: ..." and not an ImportError.
+# First what a word-problem program may use (sympy: the paper's runner gives every program
+# `math` and `sympy`; imported in a child it would cost ~0.3 s, and fails there anyway since
+# the audit hook refuses the marshal its dependency mpmath needs); then the modules whose use
+# the audit hook refuses, so that a program trying them gets a clear "blocked: ..." and not an
+# ImportError.
 PRELOADED_MODULES = (
     "bisect", "calendar", "cmath", "collections", "copy", "dataclasses", "datetime", "decimal",
     "enum", "fractions", "functools", "heapq", "itertools", "math", "numbers", "operator",
-    "random", "re", "statistics", "string", "typing",
+    "random", "re", "statistics", "string", "sympy", "typing",
     "encodings.idna", "socket", "subprocess", "threading",   # idna: socket name lookups
 )
+NAMESPACES = ("plain", "paper")   # how a program is run: see `execute`
+CTYPES_PACKAGES = ("ctypes", "_ctypes")
 
 NOBODY = 65534                  # uid and gid of `nobody`
 ANSWER_CHARS = 256              # caps of the texts a program can put in its result
@@ -146,6 +156,37 @@ def load_kernel_calls() -> types.SimpleNamespace:
                                  landlock_abi=landlock_abi, landlock_ruleset=landlock_ruleset,
                                  landlock_allow=landlock_allow, landlock_restrict=landlock_restrict,
                                  unshare=unshare, mount=mount)
+
+
+def is_ctypes_object(value) -> bool:
+    """A ctypes module, or a type, instance or function that comes from one."""
+    def from_ctypes(name) -> bool:
+        return isinstance(name, str) and name.partition(".")[0] in CTYPES_PACKAGES
+
+    if isinstance(value, types.ModuleType):
+        return from_ctypes(value.__name__)
+    if from_ctypes(type(value).__module__):            # c_long (its type is _ctypes'), CDLL(...), c_int(3)
+        return True
+    if isinstance(value, types.BuiltinFunctionType):    # _ctypes.sizeof: its __self__ is the module
+        owner = value.__self__
+        return isinstance(owner, types.ModuleType) and from_ctypes(owner.__name__)
+    if isinstance(value, (type, types.FunctionType)):   # defined in ctypes/*.py
+        return from_ctypes(value.__dict__.get("__module__") if isinstance(value, type) else value.__module__)
+    return False
+
+
+def drop_ctypes_references() -> None:
+    """Part of layer 8, once in the worker after the preloading: delete every module attribute
+    outside ctypes itself that holds a ctypes object, so that no loaded module hands a program
+    one. (sympy.external.gmpy does ``from ctypes import c_long, sizeof``, used at import only;
+    from c_long a program could read and write any memory address.)"""
+    for name, module in list(sys.modules.items()):
+        namespace = getattr(module, "__dict__", None)
+        if name.partition(".")[0] in CTYPES_PACKAGES or not isinstance(namespace, dict):
+            continue
+        for key, value in list(namespace.items()):
+            if is_ctypes_object(value):
+                del namespace[key]
 
 
 def forget_kernel_calls() -> None:
@@ -525,9 +566,38 @@ def format_answer(value) -> str:
     return text[:ANSWER_CHARS]
 
 
-def execute(program: str) -> dict:
-    """Run the program's solution() in fresh globals; the reply for the worker."""
+def paper_number(value):
+    """src/utils.py::floatify, as text for the reply: repr(float(value)), or None when float()
+    raises (None, a word, a symbol); bool -> 1.0/0.0, "5" -> 5.0, a sympy number -> its float."""
     try:
+        number = float(value)
+    except Exception:
+        return None
+    return repr(number)
+
+
+def paper_text(value) -> str:
+    """str(value) as the paper's code compares a MathQA answer: lower-cased, quotes removed,
+    stripped (None -> "none"); normalised before the cap, so that the cap never changes it."""
+    return str(value).lower().replace('"', "").replace("'", "").strip()[:ANSWER_CHARS]
+
+
+def execute(program: str, namespace: str = "plain") -> dict:
+    """Run the program and call its solution(); the reply for the worker.
+
+    "plain": the program runs as a module in fresh globals; solution() returning None is
+    "no_answer". "paper": as src/python_engine.py::run, exec with the globals {math, sympy} and
+    a separate, empty locals dict, then ``eval("solution()")`` in both. Top-level names land in
+    the locals, so solution() sees math and sympy (and builtins) but not a helper, variable or
+    import made at top level (NameError: as in the paper's code). Any returned value, None
+    included, is "ok", with its `paper_text` as the answer and its `paper_number`.
+    """
+    try:
+        if namespace == "paper":
+            global_vars, local_vars = {"math": math, "sympy": sys.modules["sympy"]}, {}
+            exec(compile(program, "<program>", "exec"), global_vars, local_vars)
+            value = eval("solution()", global_vars, local_vars)
+            return {"status": "ok", "answer": paper_text(value), "number": paper_number(value)}
         namespace = {"__name__": "__main__"}
         exec(compile(program, "<program>", "exec"), namespace)
         solution = namespace.get("solution")
@@ -542,7 +612,7 @@ def execute(program: str) -> dict:
 
 
 def run_child(program: str, workdir: str, result_fd: int, timeout_s: float, config: dict,
-              caps: dict, worker_pid: int) -> None:
+              caps: dict, worker_pid: int, namespace: str = "plain") -> None:
     """The forked child: confine itself, run the program, write one JSON reply. Never returns."""
     try:
         os.dup2(result_fd, RESULT_FD)
@@ -562,7 +632,7 @@ def run_child(program: str, workdir: str, result_fd: int, timeout_s: float, conf
             sys.pycache_prefix = os.path.join(workdir, "no-pycache")
             sys.dont_write_bytecode = True
             install_audit_hook(workdir)
-            reply = execute(program)
+            reply = execute(program, namespace)
         os.write(RESULT_FD, json.dumps(reply).encode())
     finally:
         os._exit(0)
@@ -662,17 +732,21 @@ def child_reply(data: bytes) -> dict:
     try:
         reply = json.loads(data)
         status, answer, detail = reply["status"], reply.get("answer"), reply.get("detail", "")
+        number = reply.get("number")
+        if number is not None:
+            float(number)                       # a str that float() reads, or the reply is malformed
     except (ValueError, TypeError, KeyError, AttributeError):
-        status = answer = detail = None
+        status = answer = detail = number = None
     if not (status in ("ok", "no_answer", "error") and isinstance(detail, str)
-            and (isinstance(answer, str) if status == "ok" else answer is None)):
+            and (isinstance(answer, str) if status == "ok" else answer is None)
+            and (number is None or (status == "ok" and isinstance(number, str) and len(number) <= 64))):
         return {"status": "error", "answer": None, "detail": "malformed result from the program"}
     if status == "ok":
         answer = answer[:ANSWER_CHARS]
-    return {"status": status, "answer": answer, "detail": detail[:DETAIL_CHARS]}
+    return {"status": status, "answer": answer, "number": number, "detail": detail[:DETAIL_CHARS]}
 
 
-def run_program(program: str, timeout_s: float, config: dict, caps: dict) -> dict:
+def run_program(program: str, timeout_s: float, config: dict, caps: dict, namespace: str = "plain") -> dict:
     """Fork a child for `program`, wait for its reply within `timeout_s`, clean up after it."""
     workdir = tempfile.mkdtemp(prefix="run-", dir=config["tmp_root"])
     try:
@@ -683,7 +757,7 @@ def run_program(program: str, timeout_s: float, config: dict, caps: dict) -> dic
         start = time.monotonic()
         pid = os.fork()
         if pid == 0:
-            run_child(program, workdir, write_fd, timeout_s, config, caps, worker_pid)
+            run_child(program, workdir, write_fd, timeout_s, config, caps, worker_pid, namespace)
         os.close(write_fd)
         try:
             data, timed_out = read_result(read_fd, start + timeout_s)
@@ -820,12 +894,19 @@ def main() -> None:
     os.close(null)
     for module in PRELOADED_MODULES:
         __import__(module)
+    drop_ctypes_references()
     KERNEL = load_kernel_calls()
     caps = probe_capabilities(config["tmp_root"])
+    # Everything loaded so far stays as it is: the children's garbage collector skips it, so a
+    # program does not pay for scanning (and copying, fork being copy-on-write) sympy's objects.
+    gc.freeze()
     send(replies, caps)
     while (request := receive(requests)) is not None:   # EOF: the host is gone
         try:
-            reply = run_program(request["program"], float(request["timeout_s"]), config, caps)
+            namespace = request.get("namespace", "plain")
+            if namespace not in NAMESPACES:
+                raise ValueError(f"namespace must be one of {NAMESPACES}, got {namespace!r}")
+            reply = run_program(request["program"], float(request["timeout_s"]), config, caps, namespace)
         except Exception as exc:
             reply = {"status": "error", "answer": None, "seconds": 0.0,
                      "detail": f"sandbox worker error: {describe(exc)}"[:DETAIL_CHARS]}

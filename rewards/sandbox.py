@@ -15,6 +15,9 @@ running is charged for it. Killing a worker kills its whole session: the program
 
     with ProgramSandbox(num_workers=4) as sandbox:
         results = sandbox.run_many(programs)     # list[ExecResult], in input order
+
+``namespace="paper"`` runs programs as the paper's code does (``math`` and ``sympy`` given, a
+separate locals dict; the worker's ``execute``) and reports ``float()`` of the value as well.
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional, Sequence
 
-from rewards._sandbox_worker import remove_tree
+from rewards._sandbox_worker import NAMESPACES, remove_tree
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +67,10 @@ class SandboxLimits:
 class ExecResult:
     status: str            # one of STATUSES
     answer: Optional[str]  # only for "ok": solution()'s value as text, at most 256 chars
+                           # (namespace "paper": str(value) lower-cased, quotes removed, stripped)
     detail: str = ""       # short human reason: exception, signal, "blocked: os.system", ...
     seconds: float = 0.0   # wall time of the program
+    number: Optional[float] = None   # namespace "paper", "ok" only: float(value), None if float() raised
 
 
 class _WorkerFailure(Exception):
@@ -126,16 +131,23 @@ class _Worker:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def execute(self, program: str, timeout_s: float) -> ExecResult:
+    def execute(self, program: str, timeout_s: float, namespace: str = "plain") -> ExecResult:
         deadline = time.monotonic() + timeout_s + _REPLY_MARGIN_S
-        self._send({"program": program, "timeout_s": timeout_s}, deadline)
+        self._send({"program": program, "timeout_s": timeout_s, "namespace": namespace}, deadline)
         reply = self._receive(deadline)
-        if reply.get("status") not in STATUSES:
+        status, number = reply.get("status"), reply.get("number")
+        if status not in STATUSES or not (number is None or isinstance(number, str)):
             raise _WorkerFailure("error", f"bad reply from sandbox worker: {reply!r}"[:_DETAIL_CHARS])
-        return ExecResult(status=reply["status"],
-                          answer=reply.get("answer") if reply["status"] == "ok" else None,
+        if status == "ok" and number is not None:
+            try:
+                number = float(number)
+            except ValueError:
+                raise _WorkerFailure("error", f"bad number from sandbox worker: {number!r}"[:_DETAIL_CHARS]) from None
+        return ExecResult(status=status,
+                          answer=reply.get("answer") if status == "ok" else None,
                           detail=str(reply.get("detail", ""))[:_DETAIL_CHARS],
-                          seconds=float(reply.get("seconds", 0.0)))
+                          seconds=float(reply.get("seconds", 0.0)),
+                          number=number if status == "ok" else None)
 
     def kill(self) -> None:
         """SIGKILL the worker and every process of its session (the program it runs), and reap
@@ -251,26 +263,30 @@ class ProgramSandbox:
         with self._lock:
             return sorted(worker.pid for worker in self._workers)
 
-    def run(self, program: str, timeout_s: Optional[float] = None) -> ExecResult:
-        """Run one program and call its solution(); never raises for anything the program does."""
+    def run(self, program: str, timeout_s: Optional[float] = None, namespace: str = "plain") -> ExecResult:
+        """Run one program and call its solution(); never raises for anything the program does.
+        ``namespace``: "plain" (a module of its own) or "paper" (module docstring)."""
         timeout_s = float(self.limits.timeout_s if timeout_s is None else timeout_s)
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        if namespace not in NAMESPACES:
+            raise ValueError(f"namespace must be one of {NAMESPACES}, got {namespace!r}")
         start = time.monotonic()
         try:
             try:
-                return self._run_on_a_worker(program, timeout_s)
+                return self._run_on_a_worker(program, timeout_s, namespace)
             except _WorkerFailure as exc:
                 if exc.delivered:
                     raise
                 # The worker was gone before it got the program: nothing ran, try a fresh one.
-                return self._run_on_a_worker(program, timeout_s)
+                return self._run_on_a_worker(program, timeout_s, namespace)
         except _WorkerFailure as exc:
             return ExecResult(exc.status, None, str(exc)[:_DETAIL_CHARS], time.monotonic() - start)
 
-    def run_many(self, programs: Sequence[str], timeout_s: Optional[float] = None) -> list[ExecResult]:
+    def run_many(self, programs: Sequence[str], timeout_s: Optional[float] = None,
+                 namespace: str = "plain") -> list[ExecResult]:
         """Run programs in parallel over all workers; results in input order."""
-        return list(self._executor.map(lambda program: self.run(program, timeout_s), programs))
+        return list(self._executor.map(lambda program: self.run(program, timeout_s, namespace), programs))
 
     def close(self) -> None:
         """Kill all workers (programs in flight end as "killed") and delete the temp dirs. Idempotent."""
@@ -292,11 +308,11 @@ class ProgramSandbox:
         self.close()
 
     # ------------------------------------------------------------------ worker slots
-    def _run_on_a_worker(self, program: str, timeout_s: float) -> ExecResult:
+    def _run_on_a_worker(self, program: str, timeout_s: float, namespace: str) -> ExecResult:
         worker = self._acquire()
         healthy = False
         try:
-            result = worker.execute(program, timeout_s)
+            result = worker.execute(program, timeout_s, namespace)
             healthy = True
             return result
         finally:

@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
-from formats.records import ANSWER_TRIGGER, Example
+from formats.records import COT_KINDS, Example, ncot_target
 from rewards.extract import parse_mcq_options, parse_number
 
 DATASETS = ("gsm8k", "svamp", "mathqa", "mathqa-numeric", "synthetic")
@@ -79,7 +79,7 @@ def load_dataset(dataset: str, split: str = "train", cot_kind: str = "ncot",
         return train if split == "train" else test
     path = Path(path) if path else dataset_path(dataset, split, cot_kind, data_dir)
     if path.suffix == ".jsonl":
-        return load_gsm8k_jsonl(path, dataset=dataset)
+        return load_gsm8k_jsonl(path, dataset=dataset, cot_kind=cot_kind)
     return load_reft_json(path, dataset=dataset, cot_kind=cot_kind)
 
 
@@ -92,18 +92,23 @@ _CALCULATOR_NOTE = re.compile(r"<<[^<>]*>>")
 def gsm8k_to_ncot(answer: str) -> tuple[str, str]:
     """(N-CoT in the paper's format, final answer) from a GSM8K answer field.
 
-    Calculator notes ``<<48/2=24>>`` are removed and ``#### 72`` becomes the trigger line.
+    Calculator notes ``<<48/2=24>>`` are removed and ``#### 72`` becomes the answer line, built
+    as for the ReFT json files (`formats.records.ncot_target`), with the same text as the
+    final answer (thousands commas removed: ``#### 1,000`` -> ``1000``).
     Raises ValueError when there is no ``####`` line.
     """
     body, sep, final = answer.rpartition("####")
     if not sep:
         raise ValueError("no '####' final-answer line")
     final = final.strip().replace(",", "")
-    cot = _CALCULATOR_NOTE.sub("", body).strip()
-    return f"{cot}\n{ANSWER_TRIGGER} {final}", final
+    return ncot_target(_CALCULATOR_NOTE.sub("", body), final), final
 
 
-def load_gsm8k_jsonl(path: Path, dataset: str = "gsm8k") -> list[Example]:
+def load_gsm8k_jsonl(path: Path, dataset: str = "gsm8k", cot_kind: str = "ncot") -> list[Example]:
+    """N-CoT examples with the paper's target (`gsm8k_to_ncot`). As P-CoT (a test set: P-CoT
+    prompts) the rows carry their answers only: their reasoning is text, not a program."""
+    if cot_kind not in COT_KINDS:
+        raise ValueError(f"cot_kind must be one of {COT_KINDS}, got {cot_kind!r}")
     examples = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
@@ -120,21 +125,52 @@ def load_gsm8k_jsonl(path: Path, dataset: str = "gsm8k") -> list[Example]:
             except ValueError as e:
                 raise DatasetError(f"{where}: field 'answer': {e}") from None
             _check_numeric(final, where, "answer")
-            examples.append(Example(id=f"{dataset}_{path.stem}_{lineno - 1}", question=question,
-                                    answer=final, dataset=dataset, cot_kind="ncot", cot=cot))
+            examples.append(Example(id=f"{dataset}_{path.stem}_{lineno - 1}", question=question, answer=final,
+                                    dataset=dataset, cot_kind=cot_kind, cot=cot if cot_kind == "ncot" else None))
     return examples
 
 
 # ---------------------------------------------------------------------------------------------
 # The ReFT repository's json: a list of {item_id, question, answer_value[, answer_cot]}
 # ---------------------------------------------------------------------------------------------
-def load_reft_json(path: Path, dataset: str, cot_kind: str = "ncot") -> list[Example]:
+PROGRAM_MARK = "def solution():"   # every P-CoT annotation defines it; no N-CoT one does
+
+
+def _read_reft_rows(path: Path) -> list:
     try:
         rows = json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise DatasetError(f"{path}:{e.lineno}: bad JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(rows, list):
         raise DatasetError(f"{path}: expected a JSON list of records, got {type(rows).__name__}")
+    return rows
+
+
+def infer_cot_kind(path: Path) -> Optional[str]:
+    """The CoT kind of a dataset file's gold CoTs: "pcot" when its ``answer_cot``s are programs
+    (contain ``def solution():``), "ncot" when they are text (GSM8K's jsonl always), None when it
+    has none (a test set). A file that mixes both raises `DatasetError` naming a record of each."""
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        return "ncot"
+    kinds: dict[str, int] = {}
+    for index, row in enumerate(_read_reft_rows(path)):
+        cot = row.get("answer_cot") if isinstance(row, dict) else None
+        if isinstance(cot, str):
+            kinds.setdefault("pcot" if PROGRAM_MARK in cot else "ncot", index)
+    if len(kinds) > 1:
+        raise DatasetError(f"{path}: field 'answer_cot' mixes programs ([record {kinds['pcot']}]) and "
+                           f"text ([record {kinds['ncot']}])")
+    return next(iter(kinds), None)
+
+
+def load_reft_json(path: Path, dataset: str, cot_kind: str = "ncot") -> list[Example]:
+    """N-CoT ``answer_cot``s become the paper's SFT target (`formats.records.ncot_target`: the
+    answer line appended); P-CoT ones stay the program. A CoT of the other kind (a program read
+    as N-CoT, text read as P-CoT) raises `DatasetError`: it would train and score as garbage."""
+    if cot_kind not in COT_KINDS:
+        raise ValueError(f"cot_kind must be one of {COT_KINDS}, got {cot_kind!r}")
+    rows = _read_reft_rows(path)
     examples = []
     for index, row in enumerate(rows):
         where = f"{path}[record {index}]"
@@ -143,6 +179,12 @@ def load_reft_json(path: Path, dataset: str, cot_kind: str = "ncot") -> list[Exa
         cot = row.get("answer_cot")
         if cot is not None and not isinstance(cot, str):
             raise DatasetError(f"{where}: field 'answer_cot' must be a string, got {type(cot).__name__}")
+        if cot is not None and (PROGRAM_MARK in cot) != (cot_kind == "pcot"):
+            found = "a program" if PROGRAM_MARK in cot else f"text without {PROGRAM_MARK!r}"
+            raise DatasetError(f"{where}: field 'answer_cot' is {found}, not a {cot_kind} CoT "
+                               f"(the file's kind: {infer_cot_kind(path)})")
+        if cot is not None and cot_kind == "ncot":
+            cot = ncot_target(cot, answer)        # the json's answer_value, before MCQ lower-casing
         options = None
         if dataset == "mathqa":
             if answer.lower() not in "abcde" or len(answer) != 1:

@@ -28,7 +28,8 @@ CASES = [
     (body("import os", "os.system('touch /tmp/reft-reward-pwned')", "return 7"), "7", "pcot", 0.0, "error",
      "blocked: os.system"),
     (body("x = bytearray(10**10)", "return 7"), "7", "pcot", 0.0, "error", "MemoryError"),
-    (body("import sys", "sys.exit(0)"), "7", "pcot", 0.0, "error", "SystemExit"),
+    # the paper's runner turns sys.exit into print: the function then returns None, no answer
+    (body("import sys", "sys.exit(0)"), "7", "pcot", 0.0, "no_answer", "not a number"),
     (body("import os", "os._exit(0)"), "7", "pcot", 0.0, "killed", ""),
     (body("return (3 +"), "7", "pcot", 0.0, "error", "SyntaxError"),
     (f"Mia has 3 + 4 = 7 apples.\n{ANSWER_TRIGGER} 7", "7", "ncot", 1.0, "ok", ""),
@@ -68,8 +69,9 @@ def test_reward_actor_scores_good_bad_and_hostile_samples_and_survives(reward_ac
     stats = ray.get(actor.stats.remote(), timeout=30)
     assert stats["batches"] == 2 and stats["items"] == len(CASES) + 1
     assert stats["correct"] == 4   # three correct in the batch, one in the second
-    expected = {"ok": 6, "no_answer": 1, "timeout": 1, "error": 5, "killed": 1}
+    expected = {"ok": 6, "no_answer": 2, "timeout": 1, "error": 4, "killed": 1}
     assert stats["status_counts"] == expected
+    assert stats["rule"] == "paper" and {s.rule for s in scores} == {"paper"}   # reward.rule's default
     assert stats["max_batch_s"] >= 2.0   # the infinite loop ran into its 2 s timeout
     health = ray.get(actor.health.remote(), timeout=30)
     assert len(health["sandbox_worker_pids"]) == 2 and len(pids_before) == 2

@@ -117,11 +117,15 @@ HOSTILE_ANSWERS = [
 
 @pytest.mark.parametrize("text", HOSTILE_ANSWERS, ids=range(len(HOSTILE_ANSWERS)))
 def test_answer_parsing_is_linear_on_hostile_text(text):
-    from rewards.score import score_ncot
+    from rewards.score import RewardConfig, score_ncot
+    lenient, paper = RewardConfig(rule="lenient"), RewardConfig(rule="paper")
     start = time.perf_counter()
     letter = "a" if text.startswith("a )") else None       # "a ) <anything>" is option a
     assert parse_mcq_letter(text) == letter and parse_number(text) is None
     parse_mcq_options(text)
-    assert score_ncot("Therefore, the answer is: " + text, "a", "mathqa").correct == (letter == "a")
-    assert score_ncot("Therefore, the answer is: " + text, "1", "gsm8k").reward == 0.0
+    assert score_ncot("Therefore, the answer is: " + text, "a", "mathqa", cfg=lenient).correct == (letter == "a")
+    assert score_ncot("Therefore, the answer is: " + text, "1", "gsm8k", cfg=lenient).reward == 0.0
+    # The paper rule: float() of the text, or the whole text for MathQA (never the letter alone).
+    assert score_ncot("x\nTherefore, the answer is: " + text, "a", "mathqa", cfg=paper).reward == 0.1
+    assert score_ncot("x\nTherefore, the answer is: " + text, "1", "gsm8k", cfg=paper).reward == 0.0
     assert time.perf_counter() - start < 0.25     # linear: ~1 ms; the old regex: seconds

@@ -135,6 +135,37 @@ def test_a_pool_of_one_runs_a_program():
     assert isinstance(result, ExecResult) and (result.status, result.answer) == ("ok", "208")
 
 
+# ------------------------------------------------------------------------------ the paper's namespace
+@pytest.mark.parametrize("program, status, answer, number", [
+    pytest.param(GOOD_PROGRAM, "ok", "208", 208.0, id="int"),
+    pytest.param(solution("return math.floor(math.sqrt(50))"), "ok", "7", 7.0, id="math-given"),
+    pytest.param(solution("return sympy.Rational(1, 4)"), "ok", "1/4", 0.25, id="sympy-given"),
+    pytest.param(solution("x = sympy.Symbol('x')\nreturn sympy.solve(x - 3, x)[0]"), "ok", "3", 3.0,
+                 id="sympy-solve"),
+    pytest.param(solution("return 3 > 2"), "ok", "true", 1.0, id="bool"),
+    pytest.param(solution("return ' 5 '"), "ok", "5", 5.0, id="str-number"),
+    pytest.param(solution("return \"'C'\""), "ok", "c", None, id="mcq-text"),
+    pytest.param(solution("x = 1"), "ok", "none", None, id="none"),
+    pytest.param(solution("return [1, 2]"), "ok", "[1, 2]", None, id="list"),
+    pytest.param(solution("return float('nan')"), "ok", "nan", float("nan"), id="nan"),
+    pytest.param("X = 3\n" + solution("return X"), "error", None, None, id="top-level-name-in-locals"),
+    pytest.param("x = 1\n", "error", None, None, id="no-solution"),
+])
+def test_paper_namespace(sandbox, program, status, answer, number):
+    """src/python_engine.py::run: globals {math, sympy}, separate locals, eval("solution()")."""
+    result = sandbox.run(program, namespace="paper")
+    assert (result.status, result.answer) == (status, answer), result
+    assert result.number == number or (number != number and result.number != result.number), result
+    if status == "error":
+        assert "NameError" in result.detail
+    assert sandbox.run(solution("return math.pi")).status == "error"   # "plain" gives nothing
+
+
+def test_unknown_namespace_is_refused(sandbox):
+    with pytest.raises(ValueError, match="namespace must be one of"):
+        sandbox.run(GOOD_PROGRAM, namespace="official")
+
+
 # ------------------------------------------------------------------------------ adversarial suite
 @dataclasses.dataclass
 class Host:
@@ -249,6 +280,12 @@ ADVERSARIAL = [
         open('{pwned}', 'w').write('x')
         return 1""", {"error"}, "blocked: open"),
     ("forge-result", "import os\nos.write(3, b'garbage')\nos._exit(0)", {"error"}, "malformed"),
+    # sympy is preloaded (the paper's runner gives it to every program): what it imported from
+    # ctypes is gone, and what it can start is refused like anything else.
+    ("sympy-ctypes-memory", "import sympy\nreturn sympy.external.gmpy.c_long.from_address(id(1)).value",
+     {"error"}, "has no attribute"),
+    ("sympy-eval", "import sympy\nreturn sympy.sympify(\"__import__('os').system('touch {pwned}')\")",
+     {"error"}, "blocked: os.system"),
 ]
 
 
@@ -263,15 +300,17 @@ def nobody_pids() -> set[int]:
     return pids
 
 
+@pytest.mark.parametrize("namespace", ["plain", "paper"])
 @pytest.mark.parametrize("template, statuses, detail",
                          [pytest.param(*case[1:], id=case[0]) for case in ADVERSARIAL])
-def test_adversarial_program(sandbox, host, template, statuses, detail):
+def test_adversarial_program(sandbox, host, template, statuses, detail, namespace):
+    """Every hostile program, run both ways (the paper's namespace gives it math and sympy)."""
     program = solution(template.format(**vars(host), worker_script=WORKER_SCRIPT))
     pids_before = nobody_pids()
     script_before = WORKER_SCRIPT.read_bytes()
 
     start = time.monotonic()
-    result = sandbox.run(program)
+    result = sandbox.run(program, namespace=namespace)
     elapsed = time.monotonic() - start
 
     assert result.status in statuses and detail in result.detail, result
@@ -327,16 +366,22 @@ def needs(pool: ProgramSandbox, layer: str) -> None:
         pytest.skip(f"this machine has no {layer} layer: {caps['problems']}")
 
 
-def test_no_ctypes_reachable_from_the_program(sandbox):
-    """The worker's ctypes wrappers, the ctypes modules and a new import are all out of reach."""
+@pytest.mark.parametrize("namespace", ["plain", "paper"])
+def test_no_ctypes_reachable_from_the_program(sandbox, namespace):
+    """The worker's ctypes wrappers, the ctypes modules, what a preloaded module imported from
+    ctypes (sympy.external.gmpy: c_long, sizeof) and a new import are all out of reach."""
     result = sandbox.run(solution("""
         import sys
         def is_ctypes(value):
-            return type(value).__module__.partition(".")[0] in ("ctypes", "_ctypes") or (
-                isinstance(value, type(sys)) and value.__name__.partition(".")[0] in ("ctypes", "_ctypes"))
+            owner = getattr(value, "__self__", None) if type(value) is type(len) else None
+            return type(value).__module__.partition(".")[0] in ("ctypes", "_ctypes") or any(
+                isinstance(v, type(sys)) and v.__name__.partition(".")[0] in ("ctypes", "_ctypes")
+                for v in (value, owner))
         worker = sys.modules["__main__"]
         found = [name for name in sys.modules if name.partition(".")[0] in ("ctypes", "_ctypes")]
         found += [name for name, value in vars(worker).items() if is_ctypes(value)]
+        found += [f"{name}.{key}" for name, module in list(sys.modules.items())
+                  for key, value in list(getattr(module, "__dict__", {}).items()) if is_ctypes(value)]
         if worker.KERNEL is not None:
             found.append("KERNEL")
         for name in ("ctypes", "_ctypes", "ctypes.util"):
@@ -346,8 +391,8 @@ def test_no_ctypes_reachable_from_the_program(sandbox):
             except BaseException as exc:
                 if "blocked: import" not in str(exc):
                     found.append(f"import {name}: {exc!r}")
-        return "none" if not found else ", ".join(found)"""))
-    assert (result.status, result.answer) == ("ok", "none"), result
+        return "nothing" if not found else ", ".join(found)"""), namespace=namespace)
+    assert (result.status, result.answer) == ("ok", "nothing"), result
 
 
 def test_program_reads_only_what_python_needs(sandbox, host, data_dir_or_none):
