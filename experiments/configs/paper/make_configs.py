@@ -97,6 +97,8 @@ rl:
   offline_samples: 100           # offline_st: 100 samples per question, at most 10 distinct correct ones kept,
   offline_keep: 10               # SFT from the pretrained model (OffSL/*.sh)
   offline_init: base
+reward:
+  rule: paper                    # the official extraction, executor and judging (train_rl_reft.py, src/python_engine.py)
 rollout:
   max_model_len: 700             # max_gen_length: prompt + answer <= 700 tokens
   num_actors: 4
