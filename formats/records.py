@@ -41,7 +41,7 @@ def build_prompt(question: str, cot_kind: str) -> str:
     P-CoT prompts continue with the function header and the question as its docstring, so the
     model only writes the body.
     """
-    prompt = f"Question:\n{question}\nAnswer reasoning:\n"
+    prompt = f"Question:\n{question.strip()}\nAnswer reasoning:\n"   # the paper's code strips the question
     if cot_kind == "pcot":
         prompt += pcot_header(question)
     return prompt
@@ -56,7 +56,7 @@ def ncot_target(cot: str, answer: str) -> str:
 
 
 def pcot_header(question: str) -> str:
-    return f'def solution():\n    """{question}"""\n'
+    return f'def solution():\n    """{question.strip()}"""\n'
 
 
 def prompt_token_ids(tokenizer, example: Example) -> list[int]:

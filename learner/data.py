@@ -28,7 +28,9 @@ def sft_target(example: Example) -> str:
     already made it the paper's target, `formats.records.ncot_target`).
 
     For P-CoT the prompt already ends with the ``def solution():`` header and docstring, so the
-    target is the program's body.
+    target is the program's body: what follows the program's own header, whose docstring is not
+    always the question as the record has it (37 of SVAMP's 3,043 programs quote it with other
+    punctuation: "Bob's car" for "Bob ' s car").
     """
     if example.cot is None:
         raise ValueError(f"example {example.id!r} has no gold CoT to train on")
@@ -36,6 +38,10 @@ def sft_target(example: Example) -> str:
         header = pcot_header(example.question)
         if example.cot.startswith(header):
             return example.cot[len(header):]
+        opening = header[:header.index('"""') + 3]        # 'def solution():\n    """'
+        end = example.cot.find('"""\n', len(opening)) if example.cot.startswith(opening) else -1
+        if end >= 0:
+            return example.cot[end + 4:]
     return example.cot
 
 

@@ -164,3 +164,13 @@ def test_real_ncot_targets_end_with_the_answer_line(data_dir):
     svamp = {e.id: e for e in load_dataset("svamp", "train", "ncot", data_dir=data_dir)}
     assert svamp["svamp_852"].cot == ("This question was already answered earlier. The answer is <4>.\n"
                                       "Therefore, the answer is: 4.0")
+
+
+def test_every_real_pcot_target_is_a_body_after_the_prompts_header(data_dir):
+    """The P-CoT prompt ends with the function header, so no target may repeat it, including the
+    programs whose docstring quotes the question with other punctuation (svamp: 37 of them)."""
+    from learner.data import sft_target
+    examples = load_dataset("svamp", "train", "pcot", data_dir=data_dir)
+    targets = [sft_target(e) for e in examples]
+    assert not [e.id for e, t in zip(examples, targets) if "def solution" in t]
+    assert all(t.startswith("    ") for t in targets)
