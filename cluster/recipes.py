@@ -103,7 +103,7 @@ class SFTStageRecipe:
 
 
 def ppo_learn(recipe: RLRecipe, cfg: RunConfig, trainer: RLTrainer) -> Learn:
-    sampler_dtype = cfg.rollout.resolved_dtype(on_gpu=cfg.cluster.mode != "cpu")
+    sampler_dtype = cfg.rollout.resolved_dtype(on_gpu=cfg.cluster.on_gpu)
     return PPOLearn(estimator=recipe.estimator, kl_coef=recipe.kl_coef(cfg), kl_loss_coef=recipe.kl_loss_coef(cfg),
                     with_critic=recipe.critic,
                     recompute_old=cfg.rl.recompute_old_logprobs(cfg.learner.dtype, sampler_dtype),

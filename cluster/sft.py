@@ -24,7 +24,7 @@ from cluster.evaluate import HFEvaluator
 from cluster.console import CONSOLE, PhaseBar
 from cluster.metrics import MetricsLogger, summary_line
 from cluster.placement import Placement, place
-from cluster.runtime import init_ray, load_splits, make_run_dir, prepare_model
+from cluster.runtime import init_ray, join_cluster, load_splits, make_run_dir, prepare_model
 from formats.hf import load_tokenizer
 from formats.records import Example
 from learner.config import LearnerConfig
@@ -60,6 +60,7 @@ def run_sft(cfg: RunConfig) -> SFTResult:
     """``reft sft``: set up the run (directory, resolved config, model, data), then `train_sft`."""
     cfg.validate()
     run_dir = make_run_dir(cfg)
+    cfg = join_cluster(cfg)
     cfg = prepare_model(cfg, run_dir)
     train, test = load_splits(cfg)
     return train_sft(cfg, run_dir, train, test, max_seconds=cfg.sft.max_seconds)

@@ -20,7 +20,7 @@ from cluster.placement import plan_placement
 from cluster.recipes import check_config
 from cluster.rl import step_seconds
 from cluster.results import plot_curves, write_results
-from cluster.runtime import init_ray, load_splits, make_run_dir, prepare_model
+from cluster.runtime import join_cluster, load_splits, make_run_dir, prepare_model
 from cluster.sft import train_sft
 
 logger = logging.getLogger("reft")
@@ -44,7 +44,7 @@ def run_train(cfg: RunConfig, resume: bool = False) -> dict:
     recipe = check_config(cfg)
     plan_placement(cfg)   # the run mode's own checks (sizes, weight sync, sleep mode) before anything starts
     run_dir = make_run_dir(cfg)
-    init_ray(cfg)
+    cfg = join_cluster(cfg)
     cfg = prepare_model(cfg, run_dir)
     train, test = load_splits(cfg)
 
