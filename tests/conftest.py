@@ -25,3 +25,30 @@ def ray_local():
     ray.init(num_cpus=2, include_dashboard=False, namespace="reft")
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_multinode(tmp_path_factory):
+    """A Ray cluster of three real nodes on this machine (``ray.cluster_utils.Cluster``: each a
+    raylet with its own node id, object store and workers): a head ("head", 1 CPU, the driver's)
+    and two workers ("a", "b", 2 CPUs each). Each node's processes get their own TMPDIR, so that a
+    file one node writes to its scratch space is not there for another; only the test's run
+    directory is shared, as a cluster's storage is. Yields the Cluster (``.address``; nodes can be
+    removed with ``remove_node``); ``scratch[name]`` is each node's TMPDIR."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    scratch = {}
+
+    def node(name: str, cpus: int) -> dict:
+        scratch[name] = tmp_path_factory.mktemp(f"node-{name}")
+        return {"num_cpus": cpus, "resources": {f"node_{name}": 1}, "env_vars": {"TMPDIR": str(scratch[name])}}
+
+    cluster = Cluster(initialize_head=True, head_node_args=node("head", 1))
+    cluster.workers = {name: cluster.add_node(**node(name, 2)) for name in ("a", "b")}
+    cluster.scratch = scratch
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, namespace="reft")
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
