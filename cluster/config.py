@@ -151,6 +151,9 @@ class RLConfig:
     start-up or evaluations): the loop ends after the step that crosses it, with an evaluation
     and a checkpoint. None = all rl.epochs. For the SFT baselines (sft, offline_st), their SFT's
     budget."""
+    max_steps: Optional[int] = None
+    """Stop after this many RL steps (at most rl.epochs' worth); None = all of rl.epochs. For
+    equal-step comparisons and short runs from a shared warm-up (the multi-node tests)."""
     logprob_check_every: int = 10
     """Where the sampler's log-probs stand in: every N steps the learner computes its own anyway
     and logs rl/sampler_logprob_gap, the train/inference mismatch (a broken sync also fails the
@@ -188,6 +191,8 @@ class RLConfig:
             raise ValueError(f"rl.old_logprobs must be one of {list(OLD_LOGPROBS)}, got {self.old_logprobs!r}")
         if self.max_seconds is not None and not self.max_seconds > 0:
             raise ValueError(f"rl.max_seconds must be > 0 or null, got {self.max_seconds}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"rl.max_steps must be >= 1 or null, got {self.max_steps}")
         if self.logprob_check_every < 0:
             raise ValueError(f"rl.logprob_check_every must be >= 0, got {self.logprob_check_every}")
         if self.max_staleness not in (0, 1):

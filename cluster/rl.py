@@ -339,7 +339,9 @@ def step_seconds(record: dict) -> float:
 
 
 def total_steps(cfg: RunConfig, n_train: int) -> int:
-    return max(1, cfg.rl.epochs * n_train // cfg.rl.questions_per_step)
+    """RL steps of the run: rl.epochs over the training questions, at most rl.max_steps."""
+    steps = max(1, cfg.rl.epochs * n_train // cfg.rl.questions_per_step)
+    return steps if cfg.rl.max_steps is None else min(steps, cfg.rl.max_steps)
 
 
 def run_rl(cfg: RunConfig, warmup: str, run_dir: Path, train: list[Example], test: list[Example],
