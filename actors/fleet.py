@@ -28,8 +28,7 @@ actor's late replies) are discarded. A slot that dies more than ``cfg.max_actor_
 times raises, so a crash loop stops the run loudly.
 
 Nodes. Each actor reports the node it runs on (``RolloutWorker.node``) before its engine starts;
-the loss and the recovery of a slot are logged with the nodes and the seconds each part took
-(``recoveries``). A replacement that Ray cannot place within ``place_timeout_s`` (its node was
+the loss and the recovery of a slot are logged with the nodes and the seconds it was out. A replacement that Ray cannot place within ``place_timeout_s`` (its node was
 lost and no other node has room for its resources or its placement-group bundle) raises,
 naming the lost node: replacing it again could not help, the run needs a node.
 """
@@ -72,7 +71,7 @@ class _Slot:
     assigned: dict[str, SampleRequest] = dataclasses.field(default_factory=dict)   # in flight here
     polling: bool = False
     node: Optional[dict] = None    # where this incarnation runs (``RolloutWorker.node``); None until placed
-    lost: Optional[dict] = None    # the last loss not yet recovered from: reason, node, times
+    lost: Optional[dict] = None    # since when it is out (the first loss not recovered from), its node, why
 
     @property
     def load(self) -> int:
@@ -114,7 +113,6 @@ class RolloutFleet:
         self._remote = ray.remote(RolloutWorker)
         self._actor_options = actor_options or self._default_options
         self.place_timeout_s = cfg.start_timeout_s if place_timeout_s is None else place_timeout_s
-        self.recoveries: list[dict] = []                   # one per replaced actor back in service
         self.slots = [_Slot(f"{name_prefix}-{i}") for i in range(cfg.num_actors)]
         self._calls: dict[ray.ObjectRef, _Call] = {}
         self._pending: dict[str, SampleRequest] = {}       # submitted, not yet answered
@@ -450,12 +448,16 @@ class RolloutFleet:
         slot = self.slots[index]
         wanted = {k: v for k, v in self._actor_options(index).items() if k != "scheduling_strategy"}
         bundle = " in its placement-group bundle" if "scheduling_strategy" in self._actor_options(index) else ""
-        lost = (f" after incarnation {slot.incarnation - 1} was lost on {describe_node(slot.lost['node'])} "
-                f"({slot.lost['reason']})" if slot.lost else "")
+        lost = ""
+        if slot.lost:
+            node = slot.lost["node"]
+            gone = node and not any(n["NodeID"] == node["node_id"] and n["Alive"] for n in ray.nodes())
+            lost = (f" after incarnation {slot.incarnation - 1} was lost on {describe_node(node)}"
+                    f"{', which has left the cluster' if gone else ''} ({slot.lost['reason']})")
         return (f"{slot.name} (incarnation {slot.incarnation}) was not placed within {self.place_timeout_s:.0f} s"
                 f"{lost}: no node of the Ray cluster has {wanted} free{bundle}. Add a node (or free the "
-                "resources) and resume the run from its last checkpoint (`reft train --resume RUN_DIR`); the "
-                "wait is cluster.placement_timeout_s")
+                "resources) and start again: a run resumes from its last checkpoint (the wait is "
+                "cluster.placement_timeout_s)")
 
     def _default_options(self, index: int) -> dict:
         num_gpus = self.cfg.num_gpus_per_actor
@@ -492,7 +494,8 @@ class RolloutFleet:
         logger.warning("%s (incarnation %d, %s) is lost: %s; re-issuing %d requests and replacing it (restart %d/%d)",
                        slot.name, slot.incarnation, describe_node(slot.node), reason, len(slot.assigned), slot.restarts,
                        self.cfg.max_actor_restarts)
-        slot.lost = {"at": time.monotonic(), "node": slot.node, "reason": reason, "reissued": len(slot.assigned)}
+        first = slot.lost or {"at": time.monotonic(), "node": slot.node}   # a replacement lost too: since the first
+        slot.lost = {**first, "reason": reason}
         orphans = list(slot.assigned.values())
         slot.assigned.clear()
         self._backlog.extendleft(reversed(orphans))   # first in line, in their original order
@@ -515,15 +518,10 @@ class RolloutFleet:
         if slot.lost is None:
             return
         lost, slot.lost = slot.lost, None
-        recovery = {"actor": slot.name, "incarnation": slot.incarnation, "reason": lost["reason"],
-                    "lost_node": lost["node"], "node": slot.node, "reissued_requests": lost["reissued"],
-                    "version": self.version, "placed_s": lost.get("placed_s"),
-                    "recovery_s": time.monotonic() - lost["at"]}
-        self.recoveries.append(recovery)
         logger.warning("%s recovered: incarnation %d on %s serves weights version %d, %.1f s after the loss on %s "
                        "(placed after %.1f s, then engine start and weight load)", slot.name, slot.incarnation,
-                       describe_node(slot.node), self.version, recovery["recovery_s"], describe_node(lost["node"]),
-                       recovery["placed_s"] or 0.0)
+                       describe_node(slot.node), self.version, time.monotonic() - lost["at"],
+                       describe_node(lost["node"]), lost.get("placed_s", 0.0))
 
     def _sync_deadline(self) -> float:
         return self.cfg.sync_timeout_s + self.cfg.call_timeout_s
