@@ -39,6 +39,7 @@ from rewards.score import RewardConfig, Score, Scorer
 
 logger = logging.getLogger(__name__)
 
+
 @dataclasses.dataclass(frozen=True)
 class RewardItem:
     completion: str                               # the sample's text (P-CoT: after the prompt)
@@ -143,7 +144,8 @@ def collect_scored(fleet, reward, example_of: Callable, expected: int, poll_time
     ``on_chunk(samples)`` sees each chunk as it arrives (a progress bar); ``request_ids``: take only
     these requests' samples (``RolloutFleet.poll``). A chunk whose scoring died with the reward
     actor is sent again to its restart, at most ``max_resends`` times (``reward.max_actor_restarts``);
-    ``stats`` (if given) counts ``reward_losses`` and ``rescored_samples``.
+    ``stats`` (if given) counts the scoring calls lost with the actor (``lost_calls``) and the
+    samples scored again (``rescored_samples``).
 
     Raises:
         TimeoutError: no sample finished for ``poll_timeout_s``.
@@ -185,12 +187,12 @@ def _scores(reward, items: list, ref, timeout_s: float, max_resends: int,
         except ray.exceptions.RayActorError as e:
             lost_at = time.monotonic()
             if stats is not None:
-                stats["reward_losses"] += 1
+                stats["lost_calls"] += 1
             first_line = (str(e).strip().splitlines() or [""])[0]
-            if resends == max_resends:
+            if resends == max_resends:   # Ray's text names the actor, its node's IP and its pid
                 raise RuntimeError(f"the reward actor died {resends + 1} times while scoring the same {len(items)} "
-                                   f"samples (reward.max_actor_restarts={max_resends}); last: "
-                                   f"{type(e).__name__}: {first_line}") from e
+                                   f"samples (reward.max_actor_restarts={max_resends}); last: {type(e).__name__}: "
+                                   f"{' '.join(str(e).split())[:800]}") from e
             resends += 1
             logger.warning("the reward actor was lost while scoring %d samples (%s: %s); sending them to its "
                            "restart (%d/%d)", len(items), type(e).__name__, first_line, resends, max_resends)

@@ -12,8 +12,8 @@ The actor class is a plain class (``learner.worker.LearnerWorker``) following th
 
 Start-up: rank 0 first; it is asked for its node's IP and a free port; ranks 1..M-1 are started
 with that rendezvous; each says where it runs; then ``setup`` runs on all ranks at once. (A
-name still held, by the ranks of a run that just crashed, is waited for first.) Rank r gets the Ray resources and
-scheduling ``options(r)`` says: in a run, the placement plan's (``cluster.placement``: in the GPU
+name still held, by the ranks of a run that just crashed, is waited for first.) Rank r gets the
+Ray resources and scheduling ``options(r)`` says: in a run, the placement plan's (``cluster.placement``: in the GPU
 modes its GPU share and its placement-group bundle), else ``num_cpus_per_actor`` CPUs wherever
 Ray finds room. Actors are named ``{name_prefix}-{rank}`` in namespace ``reft`` so that the Ray
 dashboard and ``ray.get_actor`` find them.
@@ -166,6 +166,13 @@ class ActorGroup:
         """``async_run`` and wait: the per-rank results, in rank order."""
         return self._wait(self.async_run(method, *args, **kwargs), self._method_name(method), self.names)
 
+    def run_rank(self, rank: int, method: Method, *args, **kwargs) -> Any:
+        """Call ``method`` on rank ``rank`` alone and wait (what only one rank holds, e.g. rank 0's
+        weight publisher; a call the other ranks would join as a collective would hang)."""
+        name = self._method_name(method)
+        ref = getattr(self.actors[rank], name).remote(*args, **kwargs)
+        return self._wait([ref], name, self.names[rank:rank + 1])[0]
+
     def run_sharded(self, method: Method, batch: dict[str, Tensor], *args, **kwargs) -> list[Any]:
         """``async_run_sharded`` and wait: the per-rank results, in rank order (``unshard`` puts
         per-row results back in the batch's order)."""
@@ -204,8 +211,7 @@ class ActorGroup:
                 raise TimeoutError(
                     f"{what}: {'; '.join(self._describe(n) for n in sorted(pending.values()))} did not answer "
                     f"within {self.timeout_s:.0f} s (hung, or waiting in a collective for a rank that is; "
-                    "cluster.call_timeout_s): the group is stopped. A run continues from its last checkpoint "
-                    "with `reft train --resume RUN_DIR`"
+                    "cluster.call_timeout_s): kill the group and start a new one (a run: from its last checkpoint)"
                 )
             for ref in ready:
                 name = pending.pop(ref)
@@ -218,9 +224,8 @@ class ActorGroup:
                     # the method whole (its traceback says where).
                     why = f"died in {what}: {_gist(err)}" if died else f"failed in {what}: {err}"
                     raise RankFailure(
-                        f"{self._describe(name)} {why}. The other ranks cannot go on without it: the group is "
-                        "stopped. A run continues from its last checkpoint with `reft train --resume RUN_DIR`",
-                        rank, self.nodes[rank]) from err
+                        f"{self._describe(name)} {why}. The other ranks cannot go on without it: kill the group "
+                        "and start a new one (a run: from its last checkpoint)", rank, self.nodes[rank]) from err
         return [results[ref] for ref in refs]
 
     def _describe(self, name: str) -> str:

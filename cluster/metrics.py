@@ -87,11 +87,14 @@ def read_metrics(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+PARTIAL = ".tmp-"   # <name>.tmp-<pid>: a file (or checkpoint) being written, or left by a process stopped meanwhile
+
+
 def write_atomically(path: Path, text: str) -> None:
     """Replace ``path`` by a file holding ``text``: a reader (or a run resumed after a crash) sees
     the old content or the new, never a part (a temporary file beside it, then ``os.replace``)."""
     path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f"{path.name}{PARTIAL}{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 

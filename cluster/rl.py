@@ -28,10 +28,10 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
-import os
-import shutil
 import json
 import logging
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Callable, Optional, Protocol, Sequence
@@ -50,7 +50,7 @@ from cluster.config_io import dump_yaml
 from cluster.evaluate import FleetEvaluator
 from cluster.experience import add_advantages, samples_to_batch
 from cluster.console import CONSOLE, PhaseBar
-from cluster.metrics import MetricsLogger, summary_line, write_atomically
+from cluster.metrics import PARTIAL, MetricsLogger, summary_line, write_atomically
 from cluster.placement import place
 from cluster.schedule import TrainState, next_questions, peek_questions
 from cluster.sft import start_learners
@@ -190,7 +190,7 @@ class RLTrainer:
         self.state = TrainState()
         self.total_steps = total_steps(cfg, len(train))
         self.prefetched: Optional[list[int]] = None   # next step's questions, already sampling (max_staleness 1)
-        self.reward_stats: collections.Counter = collections.Counter()   # losses of the reward actor, re-scored samples
+        self.reward_stats: collections.Counter = collections.Counter()   # scoring calls lost, samples re-scored
         self.metrics = MetricsLogger(run_dir / "rl", ray_keys=RAY_KEYS)
 
     # ---------------------------------------------------------------- one RL step
@@ -252,7 +252,7 @@ class RLTrainer:
             "rl/staleness": float(state.version - 1 - min(s.policy_version for s in samples)),
             "rollout/actor_restarts": float(self.fleet.num_restarts),
             "rollout/reissued_requests": float(self.fleet.stats["reissued_requests"]),
-            "reward/actor_losses": float(self.reward_stats["reward_losses"]),
+            "reward/lost_calls": float(self.reward_stats["lost_calls"]),
             "reward/rescored_samples": float(self.reward_stats["rescored_samples"]),
             "rl/samples": float(n),
             "rollout/handle_bytes": float(self.fleet.stats["last_handle_bytes"]),
@@ -353,7 +353,8 @@ class RLTrainer:
         if self.fleet is not None:
             stops.append(("rollout fleet", self.fleet.shutdown))
         if self.learners is not None:
-            stops += [("learners' weight sync", lambda: self.learners.run(LearnerWorker.close_weight_sync)),  # /dev/shm
+            stops += [("weight publisher of learner rank 0",   # its /dev/shm directory; the others hold none
+                       lambda: self.learners.run_rank(0, LearnerWorker.close_weight_sync)),
                       ("learner group", self.learners.kill)]
         if self.reward is not None:
             stops.append(("reward actor", stop_reward))
@@ -430,7 +431,6 @@ def run_rl(cfg: RunConfig, warmup: str, run_dir: Path, train: list[Example], tes
 
 
 LATEST = "latest"      # <run_dir>/checkpoints/latest: the name of the last complete checkpoint
-PARTIAL = ".tmp-"      # step-N.tmp-<pid>: a checkpoint being written, or left by a run stopped while writing it
 
 
 def latest_checkpoint(run_dir: Path) -> Optional[Path]:
@@ -440,7 +440,8 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
 
 
 def remove_partial_checkpoints(run_dir: Path) -> None:
-    """Remove what a run stopped while writing a checkpoint left (``step-N.tmp-<pid>``), saying so."""
+    """Remove what a run stopped while writing a checkpoint left (``step-N.tmp-<pid>``, ``latest.tmp-<pid>``),
+    saying so."""
     for leftover in sorted((run_dir / "checkpoints").glob(f"*{PARTIAL}*")):
         logger.warning("removing %s: a checkpoint a stopped run did not finish writing", leftover)
         if leftover.is_dir():
