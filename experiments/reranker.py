@@ -181,6 +181,8 @@ def run_train_reranker(cfg: RunConfig, checkpoint: Path, out: Path, samples_from
     examples = load_questions(cfg, "train", max_questions)
     cache = warmup_samples(cfg, warmup, examples, max_tokens)
     records, drawn = read_samples(cache)
+    if any(examples[x["question"]].id != x["id"] for x in records):
+        raise ValueError(f"{cache}: its question ids differ from the dataset's now; delete the directory to sample again")
 
     r = cfg.reranker
     tokenizer = load_tokenizer(checkpoint)
