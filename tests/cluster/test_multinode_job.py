@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -71,11 +72,15 @@ def test_ray_job_submit_to_three_nodes_keeps_its_results_and_the_dashboard_shows
     storage = tmp_path / "storage"
     storage.mkdir()
 
+    # short scratch paths: Ray's unix sockets live under the session directory (107 bytes at most)
+    nodes_root = Path(tempfile.mkdtemp(prefix="reft-mn-"))
+
     def start(name: str, *args: str) -> None:
-        scratch = tmp_path / f"scratch-{name}"
+        scratch = nodes_root / name
         scratch.mkdir()
-        subprocess.run([ray, "start", "--node-ip-address=127.0.0.1", "--disable-usage-stats", *args],
-                       env=dict(env, TMPDIR=str(scratch)), check=True, timeout=180, capture_output=True)
+        done = subprocess.run([ray, "start", "--node-ip-address=127.0.0.1", "--disable-usage-stats", *args],
+                              env=dict(env, TMPDIR=str(scratch)), timeout=180, capture_output=True, text=True)
+        assert done.returncode == 0, f"ray start ({name}): {done.stdout[-2000:]}{done.stderr[-2000:]}"
 
     start("head", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=true",
           "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}")
@@ -109,7 +114,8 @@ def test_ray_job_submit_to_three_nodes_keeps_its_results_and_the_dashboard_shows
         assert len(rl["learner"]) == 1 and len(rl["rollout"]) == 1 and rl["learner"].isdisjoint(rl["rollout"]), rl
         assert {"learner-0", "learner-1", "rollout-0", "rollout-1", "reward-0"} <= {a["name"] for a in actors}
     finally:
-        _stop_processes_naming(tmp_path)
+        _stop_processes_naming(nodes_root)
+        shutil.rmtree(nodes_root, ignore_errors=True)
         shutil.rmtree(storage / "job" / "base_model", ignore_errors=True)
 
 
@@ -119,7 +125,7 @@ def _stop_processes_naming(path: Path) -> None:
     import psutil
     mine = []
     for proc in psutil.process_iter(["cmdline"]):
-        if any(str(path) in arg for arg in proc.info["cmdline"] or ()):
+        if proc.pid != os.getpid() and any(str(path) in arg for arg in proc.info["cmdline"] or ()):
             mine.append(proc)
     for proc in mine:
         try:
