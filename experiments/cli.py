@@ -5,7 +5,7 @@
     reft sft [--config FILE] [key.sub=value ...]
     reft train [--config FILE] [--resume RUN_DIR] [--dry-run] [key.sub=value ...]
     reft eval --checkpoint DIR --dataset NAME [--samples K] [--rerank DIR] [--out DIR] [key.sub=value ...]
-    reft train-reranker --checkpoint DIR --out DIR [--samples K] [--epochs 3] [key.sub=value ...]
+    reft train-reranker --checkpoint DIR --out DIR [--samples-from DIR] [--samples 100] [--epochs 3] [key.sub=value ...]
     reft report RUN_DIR... [--out DIR]
 
 Each subcommand is one function ``cmd_<name>(args) -> int``; heavy imports happen inside it so
@@ -196,16 +196,21 @@ def cmd_eval(args) -> int:
 
 
 def cmd_train_reranker(args) -> int:
-    from experiments.sampled_eval import resolve_config, run_train_reranker
+    from experiments.reranker import run_train_reranker
+    from experiments.sampled_eval import resolve_config
 
-    cfg, source = resolve_config(args.checkpoint, args.dataset, args.cot_kind, args.config, args.overrides)
-    meta = run_train_reranker(cfg, args.checkpoint, args.out, args.samples, args.epochs, args.lr, args.batch_size,
-                              temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-                              max_questions=args.max_questions, config_source=source)
+    # The flags are the reranker.* keys of the run config (whose defaults are the paper's).
+    flags = {"samples": args.samples, "temperature": args.temperature, "epochs": args.epochs, "lr": args.lr,
+             "batch_size": args.batch_size}
+    overrides = [f"reranker.{k}={v}" for k, v in flags.items() if v is not None] + args.overrides
+    cfg, source = resolve_config(args.checkpoint, args.dataset, args.cot_kind, args.config, overrides)
+    meta = run_train_reranker(cfg, args.checkpoint, args.out, samples_from=args.samples_from,
+                              max_new_tokens=args.max_new_tokens, max_questions=args.max_questions,
+                              config_source=source)
     last = meta["history"][-1]
-    print(f"reranker: {meta['questions']} questions x {meta['samples']} samples, {meta['positives']} correct; "
-          f"epoch {last['epoch']}: loss {last['reranker/epoch_loss']:.4f}, "
-          f"train accuracy {last['reranker/train_accuracy']:.1f}% -> {args.out}")
+    print(f"reranker: {meta['questions']} questions, {meta['drawn']} samples of {meta['samples_from']}, "
+          f"{meta['distinct']} distinct, {meta['positives']} of them correct; epoch {last['epoch']}: loss "
+          f"{last['reranker/epoch_loss']:.4f}, train accuracy {last['reranker/train_accuracy']:.1f}% -> {args.out}")
     return 0
 
 
@@ -294,12 +299,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="engine logs (vLLM, DeepSpeed, Ray) on the console too (= cluster.verbose=true)")
     p.set_defaults(func=cmd_train)
 
-    def sampling_options(p, samples_help: str):
+    def sampling_options(p, samples_help: str, samples: int | None = 100, temperature: float | None = 1.0):
         """What eval and train-reranker share: the model, its run config, how to sample."""
         p.add_argument("--checkpoint", type=Path, required=True, help="a Hugging Face model directory, e.g. <run>/sft/epoch-2")
         p.add_argument("--cot-kind", choices=["ncot", "pcot"], default=None, help="default: the run config's")
-        p.add_argument("--samples", type=_positive_int, default=100, help=samples_help)
-        p.add_argument("--temperature", type=_positive_float, default=1.0, help="sampling temperature (paper: 1.0)")
+        p.add_argument("--samples", type=_positive_int, default=samples, help=samples_help)
+        p.add_argument("--temperature", type=_positive_float, default=temperature,
+                       help="sampling temperature (paper: 1.0)" + ("" if temperature else "; = reranker.temperature"))
         p.add_argument("--max-new-tokens", type=_positive_int, default=None, help="default: the config's rl.max_new_tokens")
         p.add_argument("--max-questions", type=_positive_int, default=None, help="only the first N questions (quick runs)")
         p.add_argument("--config", type=Path, default=None,
@@ -316,13 +322,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="default: <checkpoint>/eval-<dataset>")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("train-reranker", help="train a correctness classifier on sampled solutions of the training questions")
-    sampling_options(p, "samples per training question, labelled by the reward actor")
+    p = sub.add_parser("train-reranker", help="train the paper's reranker: initialised from --checkpoint, on its "
+                                              "warm-up's samples of the training questions")
+    sampling_options(p, "samples per training question from the warm-up (= reranker.samples; paper: 100)",
+                     samples=None, temperature=None)
     p.add_argument("--dataset", choices=DATASETS, default=None, help="default: the run config's")
     p.add_argument("--out", type=Path, required=True, help="the reranker directory to write")
-    p.add_argument("--epochs", type=_positive_int, default=3, help="passes over the samples (paper: 3)")
-    p.add_argument("--lr", type=_positive_float, default=1e-5, help="AdamW learning rate (the paper's SFT rate)")
-    p.add_argument("--batch-size", type=_positive_int, default=16)
+    p.add_argument("--samples-from", type=Path, default=None,
+                   help="the model whose samples it trains on (default: the SFT warm-up --checkpoint started from, "
+                        "as the paper; sampled once, cached in <it>/reranker-samples/)")
+    p.add_argument("--epochs", type=_positive_int, default=None, help="= reranker.epochs (paper: 3)")
+    p.add_argument("--lr", type=_positive_float, default=None, help="= reranker.lr, AdamW (paper: 1e-6)")
+    p.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="= reranker.batch_size, over all learner ranks (paper: 24 = 3 per GPU x 8)")
     p.set_defaults(func=cmd_train_reranker)
 
     p = sub.add_parser("report", help="Table 2 / Table 4 shaped tables and plots from run directories")

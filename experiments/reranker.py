@@ -1,159 +1,201 @@
-"""The reranker: a correctness classifier that rates sampled CoTs (the paper's "reward model
-reranking", §4.4 / Table 4).
+"""``reft train-reranker``: the paper's reward-model reranker (§4.4 / Table 4), as its code trains it
+(``train_reward_model.py``, ``exps/paper_exps/Rerank/*.sh``).
 
-Notation: B = sequences, L = prompt + completion tokens (right-padded), H = hidden size.
+    reft train-reranker --checkpoint MODEL --out DIR [--samples-from WARMUP]
 
-Architecture: the policy checkpoint's transformer without its LM head (``AutoModel``), plus a
-linear head ``H -> 1`` on the hidden state of each sequence's LAST token, as the value head of
-``learner.model.PolicyWithValue`` reads the last hidden state. The last token has attended to the
-whole question and solution, so its state is where "is this solution right?" can be read off.
-The output is a logit: sigmoid(logit) = P(correct). Training is binary cross-entropy on samples
-of the training questions labelled by the reward actor (1 = correct answer), 3 epochs in the
-paper.
-
-Training runs here, in the driver process, with plain torch on CPU (``train``): the reranker is
-trained once per evaluated model and the tiny models of this project train in seconds. A 7B
-reranker would want the DeepSpeed learner group instead; the model class and its directory
-format would stay the same.
-
-The directory (``save`` / ``load``), HF-style so that the backbone alone also loads with
-``AutoModel.from_pretrained``:
-
-    config.json, model.safetensors   the backbone (save_pretrained)
-    reranker_head.safetensors        head.weight (1, H), head.bias (1,)
-    tokenizer files                  copied verbatim from the source checkpoint
-    reranker.json                    what it was trained from and on, and its training metrics
+1. The warm-up: the SFT checkpoint MODEL started from (``find_warmup``): MODEL itself when it is
+   an SFT warm-up epoch (``<run>/sft/epoch-N``), else its run config's ``rl.warmup_checkpoint``,
+   else the last epoch of its run's own warm-up (``<run>/sft/epoch-N``); ``--samples-from`` says it
+   outright. The paper trains the reranker of ReFT (and of SFT) on the SFT model's samples.
+2. Its samples (``warmup_samples``): ``reranker.samples`` CoTs per training question at
+   ``reranker.temperature``, drawn by the vLLM fleet serving the warm-up and labelled by the reward
+   actor (the RL reward's code), de-duplicated per question by completion text (``distinct``), as
+   the paper's code. Drawn once per warm-up and setting and cached under
+   ``<warmup>/reranker-samples/<setting>/`` (samples.jsonl, meta.json): every reranker trained from
+   that warm-up (one per model reranked) reuses them.
+3. The reranker (``learner.reranker``): initialised from MODEL (its transformer, a fresh two-class
+   head), trained with two-class cross-entropy on the DeepSpeed learner group
+   (``cluster.reranker``), ``reranker.epochs`` x batches of ``reranker.batch_size``, AdamW at
+   ``reranker.lr`` with a linear warm-up and decay; written to DIR for ``reft eval --rerank``.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
-import random
+import os
+import re
+import shutil
+import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-import torch
-from torch import Tensor, nn
-
-from learner.data import Tokenized, collate
+from cluster.config import RunConfig
+from cluster.config_io import ConfigError, to_dict
+from formats.records import Example
 
 logger = logging.getLogger("reft")
 
-HEAD_FILE = "reranker_head.safetensors"
-META_FILE = "reranker.json"
+CACHE_DIR = "reranker-samples"
+SAMPLES_FILE, CACHE_META = "samples.jsonl", "meta.json"
+SAMPLES_PER_CALL = 8192   # samples per sampler call: the driver holds one block of them at a time
+_EPOCH_DIR = re.compile(r"epoch-(\d+)")
 
 
-class Reranker(nn.Module):
-    """Backbone + ``nn.Linear(H, 1)`` on the last token's hidden state (module docstring)."""
-
-    def __init__(self, backbone: nn.Module):
-        super().__init__()
-        self.backbone = backbone
-        # Zero init, as the value head: every sample starts at P(correct) = 0.5 and the first
-        # gradients reaching the pretrained backbone through the head are 0 rather than noise.
-        self.head = nn.Linear(backbone.config.hidden_size, 1, dtype=backbone.dtype)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
-
-    @classmethod
-    def from_checkpoint(cls, path: str) -> "Reranker":
-        """A new reranker whose backbone is the HF checkpoint's (dropout off, fp32) and head is 0."""
-        from formats.hf import load_causal_lm
-        return cls(load_causal_lm(path, "fp32", base_only=True))
-
-    @classmethod
-    def load(cls, path: str | Path) -> "Reranker":
-        """A reranker saved by ``save``; FileNotFoundError names the missing file."""
-        from safetensors.torch import load_file
-        head_file = Path(path) / HEAD_FILE
-        if not head_file.is_file():
-            raise FileNotFoundError(f"{head_file}: not a reranker directory (made by reft train-reranker)")
-        model = cls.from_checkpoint(str(path))
-        model.head.load_state_dict(load_file(str(head_file)))
-        return model
-
-    def save(self, out_dir: Path, source: str, meta: dict) -> Path:
-        """Backbone, head, the source checkpoint's tokenizer and ``meta`` into ``out_dir``."""
-        from safetensors.torch import save_file
-
-        from formats.hf import copy_tokenizer
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        self.backbone.save_pretrained(out_dir, safe_serialization=True)
-        save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, str(out_dir / HEAD_FILE))
-        copy_tokenizer(source, out_dir)
-        (out_dir / META_FILE).write_text(json.dumps({"source_checkpoint": source, **meta}, indent=2) + "\n")
-        return out_dir
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """input_ids, attention_mask: (B, L), right-padded. Returns (B,) float32 logits."""
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        last = attention_mask.sum(dim=1) - 1                               # (B,) index of each last token
-        states = hidden[torch.arange(hidden.shape[0]), last]               # (B, H)
-        return self.head(states).squeeze(-1).float()
-
-    @torch.no_grad()
-    def score(self, sequences: Sequence[Tokenized], pad_id: int, batch_size: int = 32,
-              progress: Optional[str] = None) -> list[float]:
-        """The logit of every (prompt, completion) sequence, in order. ``progress``: a tqdm label."""
-        from tqdm import tqdm
-        self.eval()
-        # Batches of similar lengths pad less; the result goes back to the input order.
-        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i].prompt_ids) + len(sequences[i].response_ids))
-        out = [0.0] * len(sequences)
-        starts = range(0, len(order), batch_size)
-        for start in (tqdm(starts, desc=progress, unit="batch") if progress else starts):
-            rows = order[start:start + batch_size]
-            batch = collate([sequences[i] for i in rows], pad_id)
-            for i, logit in zip(rows, self(batch["input_ids"], batch["attention_mask"]).tolist()):
-                out[i] = logit
-        return out
+# ------------------------------------------------------------------------- which warm-up
 
 
-def train(model: Reranker, sequences: Sequence[Tokenized], labels: Sequence[bool], pad_id: int, epochs: int,
-          lr: float, batch_size: int, seed: int = 0, metrics=None) -> list[dict]:
-    """Binary cross-entropy on (sequence, correct?) pairs, AdamW, gradient clipping at 1.0 (as the
-    policy's training); shuffled each epoch with ``seed``. Returns one record per epoch: mean
-    loss, the accuracy of "sigmoid > 0.5" on each batch before its update (a running figure, as
-    the loss; no extra pass) and the share of correct samples (the accuracy of always guessing
-    "wrong" is 100 minus it). ``metrics`` (a ``cluster.metrics.MetricsLogger``) also gets every
-    step's loss."""
-    from tqdm import tqdm
-    if len(sequences) != len(labels) or not sequences:
-        raise ValueError(f"need one label per sequence and at least one, got {len(sequences)} and {len(labels)}")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    loss_fn = nn.BCEWithLogitsLoss()
-    rng = random.Random(seed)
-    target = torch.tensor([float(y) for y in labels])
-    history, step = [], 0
-    for epoch in range(1, epochs + 1):
-        model.train()
-        order = list(range(len(sequences)))
-        rng.shuffle(order)
-        total_loss, hits = 0.0, 0
-        bar = tqdm(range(0, len(order), batch_size), desc=f"reranker epoch {epoch}/{epochs}", unit="step")
-        for start in bar:
-            rows = order[start:start + batch_size]
-            batch = collate([sequences[i] for i in rows], pad_id)
-            logits = model(batch["input_ids"], batch["attention_mask"])
-            loss = loss_fn(logits, target[rows])
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            step += 1
-            loss_value = loss.item()
-            total_loss += loss_value * len(rows)
-            hits += int(((logits.detach() > 0) == (target[rows] > 0.5)).sum())
-            bar.set_postfix(loss=f"{loss_value:.3f}")
-            if metrics is not None:
-                metrics.write(step, {"reranker/loss": loss_value})
-        record = {"epoch": epoch, "reranker/epoch_loss": total_loss / len(order),
-                  "reranker/train_accuracy": 100.0 * hits / len(order),
-                  "reranker/positive_rate": 100.0 * float(target.mean())}
-        history.append(record)
-        if metrics is not None:
-            metrics.write(step, record)
-        logger.info("reranker epoch %d: loss %.4f, train accuracy %.1f%%", epoch,
-                    record["reranker/epoch_loss"], record["reranker/train_accuracy"])
-    return history
+def find_warmup(checkpoint: Path, cfg: RunConfig) -> tuple[Path, str]:
+    """The SFT warm-up checkpoint ``checkpoint`` started from, and how it was found (module
+    docstring, step 1). ``cfg``: the checkpoint's run config. ConfigError when none can be told."""
+    if checkpoint.parent.name == "sft" and _EPOCH_DIR.fullmatch(checkpoint.name):
+        return checkpoint, "the checkpoint is an SFT warm-up epoch: its own samples"
+    if cfg.rl.warmup_checkpoint:
+        warmup = Path(cfg.rl.warmup_checkpoint)
+        if not (warmup / "config.json").is_file():
+            raise ConfigError(f"rl.warmup_checkpoint of {checkpoint}'s run config is {warmup}, which is not an HF model "
+                              "directory from here; pass --samples-from DIR (the SFT warm-up checkpoint)")
+        return warmup, "rl.warmup_checkpoint of its run config"
+    for run in list(checkpoint.resolve().parents)[:3]:
+        epochs = [p for p in (run / "sft").glob("epoch-*") if _EPOCH_DIR.fullmatch(p.name)]
+        if epochs and (run / "config.yaml").is_file():
+            return max(epochs, key=lambda p: int(p.name.split("-")[1])), f"the last epoch of its run's warm-up ({run})"
+    raise ConfigError(f"--checkpoint {checkpoint}: cannot tell which SFT warm-up it started from (no rl.warmup_checkpoint "
+                      "in its run config, no <run>/sft/epoch-N above it); pass --samples-from DIR, the warm-up checkpoint "
+                      "whose samples the paper trains the reranker on (or the checkpoint itself for its own samples)")
+
+
+# ------------------------------------------------------------------------- the warm-up's samples
+
+
+def distinct(texts: Sequence[str]) -> list[tuple[int, int]]:
+    """(index of the first occurrence, number of occurrences) of each distinct text, in order of
+    first occurrence: the paper's per-question de-duplication of sampled completions."""
+    first: dict[str, int] = {}
+    counts: list[list[int]] = []
+    for i, text in enumerate(texts):
+        if text in first:
+            counts[first[text]][1] += 1
+        else:
+            first[text] = len(counts)
+            counts.append([i, 1])
+    return [(i, n) for i, n in counts]
+
+
+def sample_settings(cfg: RunConfig, questions: int, max_new_tokens: int) -> dict:
+    """What the cached samples depend on (besides the warm-up): the questions, how they are sampled."""
+    d, r = cfg.data, cfg.reranker
+    return {"dataset": d.dataset, "cot_kind": d.cot_kind, "split": "train", "train_path": d.train_path,
+            "synthetic": to_dict(d.synthetic) if d.dataset == "synthetic" else None, "questions": questions,
+            "samples": r.samples, "temperature": r.temperature, "max_new_tokens": max_new_tokens, "seed": cfg.seed}
+
+
+def warmup_samples(cfg: RunConfig, warmup: Path, examples: Sequence[Example], max_new_tokens: int) -> Path:
+    """The cache directory of ``warmup``'s de-duplicated, labelled samples of ``examples`` (module
+    docstring, step 2), sampled now unless a finished one with the same settings exists. It is
+    written under a temporary name and renamed when complete: an interrupted run leaves no cache."""
+    settings = sample_settings(cfg, len(examples), max_new_tokens)
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    name = f"{settings['dataset']}-{settings['cot_kind']}-q{len(examples)}-k{settings['samples']}-" \
+           f"t{settings['temperature']:g}-{digest}"
+    cache = warmup / CACHE_DIR / name
+    if (cache / CACHE_META).is_file():
+        logger.info("reranker: the warm-up's samples from %s", cache)
+        return cache
+    from cluster.evaluate import FleetEvaluator
+
+    start = time.perf_counter()
+    tmp = cache.with_name(f"{name}.tmp-{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    k = settings["samples"]
+    per_call = max(1, SAMPLES_PER_CALL // k)
+    drawn = kept = correct_drawn = answered_drawn = 0
+    logger.info("reranker: sampling %d x %d CoTs from the warm-up %s", len(examples), k, warmup)
+    try:
+        with FleetEvaluator.start(cfg, warmup) as sampler, open(tmp / SAMPLES_FILE, "w", encoding="utf-8") as f:
+            for first in range(0, len(examples), per_call):
+                block = examples[first:first + per_call]
+                scored = sampler.sample(block, k, settings["temperature"], max_new_tokens, "reranker")
+                for q, (example, row) in enumerate(zip(block, scored, strict=True), start=first):
+                    drawn += len(row)
+                    correct_drawn += sum(s.score.correct for s in row)
+                    answered_drawn += sum(s.score.answer is not None for s in row)
+                    for i, count in distinct([s.sample.completion_text for s in row]):
+                        s = row[i]
+                        f.write(json.dumps({"question": q, "id": example.id, "completion": s.sample.completion_text,
+                                            "correct": bool(s.score.correct), "answer": s.score.answer,
+                                            "count": count}) + "\n")
+                        kept += 1
+        meta = {"warmup": str(warmup), "settings": settings, "drawn": drawn, "distinct": kept,
+                "drawn_correct": correct_drawn, "drawn_answered": answered_drawn,
+                "seconds": round(time.perf_counter() - start, 1)}
+        (tmp / CACHE_META).write_text(json.dumps(meta, indent=2) + "\n")
+        if (cache / CACHE_META).is_file():   # another process finished the same setting meanwhile
+            shutil.rmtree(tmp)
+        else:
+            shutil.rmtree(cache, ignore_errors=True)
+            os.replace(tmp, cache)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("reranker: %d samples, %d distinct, %.1f%% correct -> %s", drawn, kept,
+                100.0 * correct_drawn / max(1, drawn), cache)
+    return cache
+
+
+def read_samples(cache: Path) -> tuple[list[dict], dict]:
+    """The cached samples (one dict per distinct sample) and the cache's meta.json."""
+    meta = json.loads((cache / CACHE_META).read_text())
+    with open(cache / SAMPLES_FILE, encoding="utf-8") as f:
+        records = [json.loads(line) for line in f]
+    if len(records) != meta["distinct"]:
+        raise ValueError(f"{cache}: {len(records)} samples in {SAMPLES_FILE}, meta.json says {meta['distinct']}; "
+                         "delete the directory to sample again")
+    return records, meta
+
+
+# ------------------------------------------------------------------------- reft train-reranker
+
+
+def run_train_reranker(cfg: RunConfig, checkpoint: Path, out: Path, samples_from: Optional[Path] = None,
+                       max_new_tokens: Optional[int] = None, max_questions: Optional[int] = None,
+                       config_source: str = "") -> dict:
+    """Train a reranker initialised from ``checkpoint`` on its warm-up's samples (module
+    docstring) and save it in ``out``. Returns the metadata written to ``out/reranker.json``."""
+    from cluster.metrics import MetricsLogger
+    from cluster.reranker import train_reranker
+    from experiments.sampled_eval import load_questions
+    from formats.hf import load_tokenizer
+    from learner.reranker import RerankerInputs
+
+    start = time.perf_counter()
+    if samples_from is not None:
+        if not (samples_from / "config.json").is_file():
+            raise FileNotFoundError(f"--samples-from {samples_from}: no config.json, not a Hugging Face model directory")
+        warmup, why = samples_from, "--samples-from"
+    else:
+        warmup, why = find_warmup(checkpoint, cfg)
+    logger.info("reranker: initialised from %s, trained on the samples of %s (%s)", checkpoint, warmup, why)
+    max_tokens = max_new_tokens or cfg.rl.max_new_tokens
+    examples = load_questions(cfg, "train", max_questions)
+    cache = warmup_samples(cfg, warmup, examples, max_tokens)
+    records, drawn = read_samples(cache)
+    if any(examples[x["question"]].id != x["id"] for x in records):
+        raise ValueError(f"{cache}: its question ids differ from the dataset's now; delete the directory to sample again")
+
+    r = cfg.reranker
+    tokenizer = load_tokenizer(checkpoint)
+    sequences = RerankerInputs(tokenizer, examples, [(x["question"], x["completion"]) for x in records], r.max_length)
+    labels = [x["correct"] for x in records]
+    meta = {"samples_from": str(warmup), "samples_from_why": why, "samples_cache": str(cache),
+            "dataset": cfg.data.dataset, "cot_kind": cfg.data.cot_kind, "config": config_source,
+            "questions": len(examples), "drawn": drawn["drawn"], "distinct": len(records),
+            "positives": int(sum(labels)), **{f"reranker.{k}": v for k, v in dataclasses.asdict(r).items()},
+            "max_new_tokens": max_tokens, "num_learners": cfg.cluster.num_learners}
+    metrics = MetricsLogger(out / "metrics", tensorboard=False)
+    try:
+        history = train_reranker(cfg, str(checkpoint), sequences, labels, out, meta, tokenizer.pad_token_id, metrics)
+    finally:
+        metrics.close()
+    return {**meta, "history": history, "seconds": round(time.perf_counter() - start, 1)}

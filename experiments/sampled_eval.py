@@ -1,14 +1,14 @@
-"""Sampling-based evaluation (``reft eval``) and the reranker's training data (``reft train-reranker``).
+"""Sampling-based evaluation (``reft eval``), and the run-config and question loading that
+``reft train-reranker`` (``experiments.reranker``) shares with it.
 
-Both sample through the RL stage's evaluator (``cluster.evaluate.FleetEvaluator``): a
+It samples through the RL stage's evaluator (``cluster.evaluate.FleetEvaluator``): a
 ``RolloutFleet`` of vLLM engines serving the checkpoint and the sandboxed reward actor, which
 judges every sample exactly as the RL reward does. The driver only submits, collects and computes (``experiments.voting``).
 
     reft eval             greedy top-1; K samples per question at temperature T: voting accuracy
                           with the first k samples (k = 1..K), pass@k, and with --rerank the
-                          accuracy of the reranker's top-rated sample
-    reft train-reranker   K samples per TRAINING question, labelled correct / wrong by the reward
-                          actor, train the reranker (``experiments.reranker``) on them
+                          accuracy of the reranker's top-rated sample among those with an answer
+                          (scored on the learner group, ``cluster.reranker``)
 
 The paper (Table 4) reports voting and reranking over 100 samples at temperature 1.0.
 """
@@ -95,8 +95,7 @@ def run_eval(cfg: RunConfig, checkpoint: Path, split: str, samples: int, tempera
     start = time.perf_counter()
     max_tokens = max_new_tokens or cfg.rl.max_new_tokens
     examples = load_questions(cfg, split, max_questions)
-    if reranker is not None:
-        _check_same_tokenizer(reranker, checkpoint)   # before minutes of sampling
+    rerank_meta = _check_reranker(reranker, checkpoint) if reranker is not None else {}   # before the sampling
     with FleetEvaluator.start(cfg, checkpoint) as sampler:
         greedy = sampler.greedy(examples, max_tokens).scored
         sampled = sampler.sample(examples, samples, temperature, max_tokens, "eval")
@@ -108,8 +107,8 @@ def run_eval(cfg: RunConfig, checkpoint: Path, split: str, samples: int, tempera
              "pass_at_k": voting.pass_at_k_curve(correct)}
     rerank_scores = None
     if reranker is not None:
-        rerank_scores = score_with_reranker(reranker, sampled)
-        curve["rerank_accuracy"] = voting.rerank_curve(rerank_scores, correct)
+        rerank_scores = score_with_reranker(cfg, reranker, examples, sampled)
+        curve["rerank_accuracy"] = voting.rerank_curve(rerank_scores, correct, answers)
 
     n = len(examples)
     result = {
@@ -122,8 +121,9 @@ def run_eval(cfg: RunConfig, checkpoint: Path, split: str, samples: int, tempera
                     "answered": 100.0 * sum(a is not None for row in answers for a in row) / (n * samples)},
         "voting": {"k": samples, "accuracy": curve["voting_accuracy"][-1]},
         "pass_at_k": {"1": curve["pass_at_k"][0], str(samples): curve["pass_at_k"][-1]},
-        "rerank": None if reranker is None else {"reranker": str(reranker), "k": samples,
-                                                 "accuracy": curve["rerank_accuracy"][-1]},
+        "rerank": None if reranker is None else {
+            "reranker": str(reranker), "k": samples, "accuracy": curve["rerank_accuracy"][-1],
+            "initialised_from": rerank_meta.get("source_checkpoint"), "samples_from": rerank_meta.get("samples_from")},
         "curve": curve,
         "seconds": round(time.perf_counter() - start, 1),
     }
@@ -131,17 +131,21 @@ def run_eval(cfg: RunConfig, checkpoint: Path, split: str, samples: int, tempera
     return result
 
 
-def score_with_reranker(reranker: Path, sampled: list[list[Scored]]) -> list[list[float]]:
-    """The reranker's logit for every sample (prompt + completion token ids, as sampled)."""
-    from experiments.reranker import Reranker
+def score_with_reranker(cfg: RunConfig, reranker: Path, examples: Sequence[Example],
+                        sampled: list[list[Scored]]) -> list[list[float]]:
+    """The reranker's P(correct) of every sample, read as it was trained to read them
+    (``learner.reranker.tokenize_reranker``: prompt + completion text, its max_length), on the
+    learner group."""
+    from cluster.reranker import score_reranker
     from formats.hf import load_tokenizer
-    from learner.data import Tokenized
+    from learner.reranker import META_FILE, RerankerInputs
 
-    model = Reranker.load(reranker)
     tokenizer = load_tokenizer(reranker)
-    flat = [Tokenized(list(s.sample.prompt_token_ids), list(s.sample.completion_token_ids))
-            for row in sampled for s in row]
-    scores = model.score(flat, _pad_id(tokenizer), progress="rerank")
+    max_length = json.loads((Path(reranker) / META_FILE).read_text()).get("reranker.max_length",
+                                                                          cfg.reranker.max_length)
+    inputs = RerankerInputs(tokenizer, examples, [(q, s.sample.completion_text) for q, row in enumerate(sampled)
+                                                  for s in row], max_length)
+    scores = score_reranker(cfg, reranker, inputs, tokenizer.pad_token_id)
     width = len(sampled[0])
     return [scores[q * width:(q + 1) * width] for q in range(len(sampled))]
 
@@ -166,7 +170,7 @@ def write_eval(out: Path, result: dict, examples: Sequence[Example], greedy: Seq
                                  "completion": first.sample.completion_text},
                       "answers": answers, "correct": [s.score.correct for s in row], "vote": majority_vote(answers)}
             if rerank_scores is not None:
-                record.update(rerank_scores=rerank_scores[q], rerank_pick=rerank_pick(rerank_scores[q]))
+                record.update(rerank_scores=rerank_scores[q], rerank_pick=rerank_pick(rerank_scores[q], answers))
             f.write(json.dumps(record) + "\n")
     label = f"{Path(result['checkpoint']).name} ({result['dataset']} {result['cot_kind']})"
     plot_voting(out / "voting.png", {label: result})
@@ -189,57 +193,20 @@ def format_eval(result: dict) -> str:
     return title + "\n" + frame.to_markdown(index=False, floatfmt=".1f")
 
 
-# ------------------------------------------------------------------------- reft train-reranker
-
-
-def run_train_reranker(cfg: RunConfig, checkpoint: Path, out: Path, samples: int, epochs: int, lr: float,
-                       batch_size: int, temperature: float = 1.0, max_new_tokens: Optional[int] = None,
-                       max_questions: Optional[int] = None, config_source: str = "") -> dict:
-    """Sample ``samples`` CoTs per training question from ``checkpoint``, label them with the
-    reward actor, train a reranker initialised from ``checkpoint`` for ``epochs`` and save it in
-    ``out``. Returns the metadata written to ``out/reranker.json``."""
-    from cluster.metrics import MetricsLogger
-    from experiments import reranker as rr
-    from formats.hf import load_tokenizer
-    from learner.data import Tokenized
-
-    start = time.perf_counter()
-    max_tokens = max_new_tokens or cfg.rl.max_new_tokens
-    examples = load_questions(cfg, "train", max_questions)
-    with FleetEvaluator.start(cfg, checkpoint) as sampler:
-        sampled = sampler.sample(examples, samples, temperature, max_tokens, "reranker")
-    flat = [s for row in sampled for s in row]
-    sequences = [Tokenized(list(s.sample.prompt_token_ids), list(s.sample.completion_token_ids)) for s in flat]
-    labels = [s.score.correct for s in flat]
-
-    model = rr.Reranker.from_checkpoint(str(checkpoint))
-    metrics = MetricsLogger(out / "metrics", tensorboard=False)
-    try:
-        history = rr.train(model, sequences, labels, _pad_id(load_tokenizer(checkpoint)), epochs, lr, batch_size,
-                           seed=cfg.seed, metrics=metrics)
-    finally:
-        metrics.close()
-    meta = {"dataset": cfg.data.dataset, "cot_kind": cfg.data.cot_kind, "config": config_source,
-            "questions": len(examples), "samples": samples, "temperature": temperature, "max_new_tokens": max_tokens,
-            "epochs": epochs, "lr": lr, "batch_size": batch_size, "positives": int(sum(labels)),
-            "history": history, "seconds": round(time.perf_counter() - start, 1)}
-    model.save(out, str(checkpoint), meta)
-    return meta
-
-
 # ------------------------------------------------------------------------- helpers
 
 
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
-def _check_same_tokenizer(reranker: Path, checkpoint: Path) -> None:
-    """The reranker reads the sampler's token ids: both must use one vocabulary."""
-    from experiments.reranker import META_FILE
-    from formats.hf import load_tokenizer
-    if not (Path(reranker) / META_FILE).is_file():
-        raise FileNotFoundError(f"--rerank {reranker}: no {META_FILE} (not made by reft train-reranker)")
-    if load_tokenizer(reranker).get_vocab() != load_tokenizer(checkpoint).get_vocab():
-        raise ConfigError(f"--rerank {reranker}: its tokenizer differs from the checkpoint's ({checkpoint}); "
-                          "train the reranker from a checkpoint of the same model family")
+def _check_reranker(reranker: Path, checkpoint: Path) -> dict:
+    """A reranker of this version (two classes), before minutes of sampling; a warning when it
+    was not initialised from the model it reranks (the paper's reranker is). Returns its
+    reranker.json."""
+    from learner.reranker import check_reranker_dir
+    try:
+        meta = check_reranker_dir(reranker)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"--rerank {e}") from None
+    source = meta.get("source_checkpoint")
+    if source is None or Path(source).resolve() != checkpoint.resolve():
+        logger.warning("--rerank %s was initialised from %s, not from %s, the model it reranks here (the paper "
+                       "initialises a reranker from the model it reranks)", reranker, source, checkpoint)
+    return meta

@@ -13,9 +13,12 @@ Ray, so one step's actors never linger into the next), output in ``OUT/logs/<ste
                    for sft, offline_st, online_st, reft, grpo, rloo: all from the one warm-up, as
                    in the paper (offline_st.yaml has offline_init: warmup, so its SFT continues
                    from the warm-up too, not from the base model)
-    3. reranker    reft train-reranker --checkpoint WARM-UP            -> OUT/reranker
-                   (the paper trains its reranker from the SFT model, on 100 samples per question)
-    4. evaluation  reft eval --checkpoint FINAL --samples K --rerank OUT/reranker, for each
+    3. rerankers   reft train-reranker --checkpoint FINAL --samples-from WARM-UP
+                                                                       -> OUT/reranker-ALG
+                   for each algorithm's final model, as the paper: initialised from the model it
+                   reranks, trained on the warm-up's samples of the training questions (drawn
+                   once, cached under the warm-up, shared by all the rerankers)
+    4. evaluation  reft eval --checkpoint FINAL --samples K --rerank OUT/reranker-ALG, for each
                    algorithm's final model: greedy top-1, voting@K, pass@K, reranking@K
     5. report      reft report OUT/sft OUT/offline_st ... --out OUT/report
                    Table 2 / Table 4 as markdown + CSV, epochs.png, voting.png
@@ -56,8 +59,9 @@ ALWAYS = ["cluster.dashboard=false"]
 QUICK = ["data.synthetic.num_train=64", "data.synthetic.num_test=32", "data.train_eval_size=32",
          "sft.epochs=2", "rl.epochs=1", "rl.questions_per_step=16", "rl.offline_samples=2"]
 QUICK_SAMPLES = 4
-# The paper samples 100 per question for both (GPUs). On 2 CPU cores the reranker trains in the
-# driver process at ~0.1-0.2 s per step of 16 samples, 3 epochs over 512 x K samples: ~5 min at K = 4.
+# The paper samples 100 per question for both (GPUs). On 2 CPU cores: the warm-up's K samples of the
+# 512 training questions are drawn once; each algorithm's reranker then trains 3 epochs over their
+# distinct ones on the learner (reranker.* of the synthetic configs).
 DEFAULT_SAMPLES = 8
 DEFAULT_RERANKER_SAMPLES = 4
 
@@ -90,15 +94,16 @@ def main(argv=None) -> int:
         reft(alg, "train", "--config", str(ALGORITHM_CONFIGS / f"{alg}.yaml"), f"out_dir={out}", f"name={alg}",
              f"rl.warmup_checkpoint={warmup}", *own, *overrides)
 
-    # 3. the reranker, from the warm-up
-    reranker = out / "reranker"
-    reft("reranker", "train-reranker", "--checkpoint", str(warmup), "--out", str(reranker),
-         "--samples", str(reranker_samples), *overrides)
+    # 3. each algorithm's reranker: from its final model, on the warm-up's samples (drawn by the first)
+    for alg in args.algorithms:
+        reft(f"reranker-{alg}", "train-reranker", "--checkpoint", str(final_model(out / alg, alg)),
+             "--samples-from", str(warmup), "--out", str(out / f"reranker-{alg}"), "--samples", str(reranker_samples),
+             *overrides)
 
     # 4. each algorithm's final model: top-1, voting and reranking over K samples
     for alg in args.algorithms:
         reft(f"eval-{alg}", "eval", "--checkpoint", str(final_model(out / alg, alg)), "--dataset", "synthetic",
-             "--samples", str(samples), "--rerank", str(reranker), *overrides)
+             "--samples", str(samples), "--rerank", str(out / f"reranker-{alg}"), *overrides)
 
     # 5. the paper-shaped tables and plots
     reft("report", "report", *(str(out / alg) for alg in args.algorithms), "--out", str(out / "report"))
@@ -195,7 +200,8 @@ def provenance(base: Path, overrides, samples: int, reranker_samples: int, comma
             f"per algorithm {ALGORITHM_CONFIGS.relative_to(REPO)}/<algorithm>.yaml\n"
             f"- overrides: {' '.join(overrides) or 'none'}\n"
             f"- evaluation: test split, K = {samples} samples per question at temperature 1.0; "
-            f"reranker trained from the warm-up on {reranker_samples} samples per training question\n"
+            f"each algorithm's reranker initialised from its final model, trained on the warm-up's "
+            f"{reranker_samples} samples per training question\n"
             f"- command: python -m experiments.table {command}\n\n")
 
 

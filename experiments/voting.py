@@ -15,7 +15,8 @@ MCQ letter; None when nothing could be extracted) and their correctness as the r
 * pass@k: the unbiased estimator of Chen et al. 2021 (Codex), 1 - C(n-c, k) / C(n, k) for n
   samples of which c are correct: the chance that k samples drawn without replacement hold at
   least one correct one.
-* Reranking: a learned scorer rates each sample; the top-rated sample's correctness counts.
+* Reranking: a learned scorer rates each sample; the correctness of the top-rated sample among
+  those with an answer counts (none with an answer: wrong), as the paper's code.
 """
 from __future__ import annotations
 
@@ -123,24 +124,30 @@ def pass_at_k_curve(correct: Sequence[Sequence[bool]]) -> list[float]:
             for k in range(1, num_samples + 1)]
 
 
-def rerank_pick(scores: Sequence[float]) -> int:
-    """Index of the top-scored sample (ties: the first)."""
-    if not scores:
-        raise ValueError("rerank_pick: no scores")
-    return max(range(len(scores)), key=lambda i: (scores[i], -i))
+def rerank_pick(scores: Sequence[float], answers: Sequence[Optional[str]]) -> Optional[int]:
+    """Index of the top-scored sample among those with an answer (ties: the first); None when no
+    sample has one. As the paper's code: a sample the reward could extract no answer from (for
+    MathQA-MCQ: no option letter, ``Score.answer`` is then None) cannot be picked."""
+    if len(scores) != len(answers):
+        raise ValueError(f"rerank_pick: {len(scores)} scores but {len(answers)} answers")
+    answered = [i for i, answer in enumerate(answers) if answer is not None]
+    return max(answered, key=lambda i: (scores[i], -i)) if answered else None
 
 
-def rerank_curve(scores: Sequence[Sequence[float]], correct: Sequence[Sequence[bool]]) -> list[float]:
+def rerank_curve(scores: Sequence[Sequence[float]], correct: Sequence[Sequence[bool]],
+                 answers: Sequence[Sequence[Optional[str]]]) -> list[float]:
     """Reranking accuracy (percent) with the first k samples of every question, k = 1..K: the
-    top-scored of samples 0..k-1 is the question's answer."""
+    top-scored of samples 0..k-1 that have an answer is the question's answer (``rerank_pick``);
+    a question none of whose first k samples has one counts as wrong, as the paper's code scores it."""
     num_samples = _check_rectangular(scores, correct)
+    _check_rectangular(scores, answers)
     hits = [0] * num_samples
-    for question_scores, question_correct in zip(scores, correct):
-        best = 0
+    for question_scores, question_correct, question_answers in zip(scores, correct, answers):
+        best = None
         for i in range(num_samples):
-            if question_scores[i] > question_scores[best]:
+            if question_answers[i] is not None and (best is None or question_scores[i] > question_scores[best]):
                 best = i
-            hits[i] += bool(question_correct[best])
+            hits[i] += best is not None and bool(question_correct[best])
     return [100.0 * h / len(scores) for h in hits]
 
 

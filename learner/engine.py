@@ -1,5 +1,6 @@
-"""DeepSpeed around ``PolicyWithValue``: process group, ZeRO engine, reference model, weight
-export and checkpoints. Knows nothing about PPO; ``learner.worker`` drives it.
+"""DeepSpeed around ``PolicyWithValue`` (or another module: the reranker, ``learner.reranker``):
+process group, ZeRO engine, reference model, weight export and checkpoints. Knows nothing about
+PPO; ``learner.worker`` and ``learner.reranker_worker`` drive it.
 
 The same code runs on CPU (gloo, fp32) and on GPUs (NCCL, bf16) by changing
 ``LearnerConfig.backend`` / ``dtype``. Three DeepSpeed habits are avoided on purpose (docs/measurements.md §2):
@@ -151,11 +152,16 @@ class Engine:
     ``prepare_deepspeed``) does.
     """
 
-    def __init__(self, cfg: LearnerConfig):
+    def __init__(self, cfg: LearnerConfig, model: Optional[torch.nn.Module] = None):
+        """``model``: the module to train, None = the policy of ``cfg.model`` (``PolicyWithValue``
+        with ``cfg.value_head``). Another module needs a ``state_dict_for_inference(gather, keep)``
+        for ``export_weights`` and, with ``cfg.gradient_checkpointing``, a
+        ``gradient_checkpointing_enable()``; ``forward`` returns what its forward returns."""
         self.cfg = cfg
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
-        model = PolicyWithValue.from_pretrained(cfg.model, cfg.value_head, cfg.dtype)
+        if model is None:
+            model = PolicyWithValue.from_pretrained(cfg.model, cfg.value_head, cfg.dtype)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         decay = [p for p in model.parameters() if p.dim() >= 2]  # matrices; not biases or norms
@@ -187,6 +193,7 @@ class Engine:
         return self.engine.module
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Output:
+        """The module's forward on the device: the policy's ``Output`` (another module's own result)."""
         return self.engine(input_ids.to(self.device), attention_mask.to(self.device))
 
     def reference_logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:

@@ -113,21 +113,33 @@ class PolicyWithValue(nn.Module):
         Raises:
             RuntimeError: if the names found differ from ``self.lm.state_dict()``'s.
         """
-        expected = list(self.lm.state_dict().keys())  # under ZeRO-3: names and empty slices
-        out: dict[str, Optional[Tensor]] = {}
-        copied: dict[int, Optional[Tensor]] = {}  # id(parameter) -> copy: a tied weight is gathered once
-        for name, param in self.lm.named_parameters(remove_duplicate=False):
-            if id(param) not in copied:
-                with gather([param]):
-                    copied[id(param)] = param.detach().to("cpu", copy=True) if keep else None
-            out[name] = copied[id(param)]
-        persistent = set(expected)  # state_dict leaves out non-persistent buffers (rotary tables)
-        for name, buf in self.lm.named_buffers():
-            if name in persistent:
-                out[name] = buf.detach().to("cpu", copy=True) if keep else None
-        if set(out) != set(expected):
-            raise RuntimeError(
-                "exported names differ from the HF state_dict: missing "
-                f"{sorted(set(expected) - set(out))}, unexpected {sorted(set(out) - set(expected))}"
-            )
-        return {name: out[name] for name in expected} if keep else None
+        return gathered_state_dict(self.lm, gather, keep)
+
+
+def gathered_state_dict(
+    module: nn.Module,
+    gather: Callable[[list[nn.Parameter]], ContextManager] = lambda params: nullcontext(),
+    keep: bool = True,
+) -> Optional[dict[str, Tensor]]:
+    """``module``'s weights under its own ``state_dict`` names (tied weights under each of their
+    names), copied to CPU one parameter at a time inside ``gather([param])``; {name: tensor} when
+    ``keep``, else None (see ``PolicyWithValue.state_dict_for_inference``). Raises RuntimeError if
+    the names found differ from ``module.state_dict()``'s."""
+    expected = list(module.state_dict().keys())  # under ZeRO-3: names and empty slices
+    out: dict[str, Optional[Tensor]] = {}
+    copied: dict[int, Optional[Tensor]] = {}  # id(parameter) -> copy: a tied weight is gathered once
+    for name, param in module.named_parameters(remove_duplicate=False):
+        if id(param) not in copied:
+            with gather([param]):
+                copied[id(param)] = param.detach().to("cpu", copy=True) if keep else None
+        out[name] = copied[id(param)]
+    persistent = set(expected)  # state_dict leaves out non-persistent buffers (rotary tables)
+    for name, buf in module.named_buffers():
+        if name in persistent:
+            out[name] = buf.detach().to("cpu", copy=True) if keep else None
+    if set(out) != set(expected):
+        raise RuntimeError(
+            "exported names differ from the module's state_dict: missing "
+            f"{sorted(set(expected) - set(out))}, unexpected {sorted(set(out) - set(expected))}"
+        )
+    return {name: out[name] for name in expected} if keep else None

@@ -152,6 +152,27 @@ def find_free_port() -> int:
         return s.getsockname()[1]
 
 
+def set_rendezvous(rank: int, world_size: int, master_addr: Optional[str],
+                   master_port: Optional[int]) -> tuple[str, int]:
+    """Set this process's torch.distributed environment (MASTER_ADDR/PORT, RANK, WORLD_SIZE,
+    LOCAL_RANK) and return the rendezvous address. Rank 0, given none, picks its node's IP and a
+    free port (the ``cluster.actor_group`` protocol: the other ranks are then started with them)."""
+    if master_addr is None:
+        if rank != 0:
+            raise ValueError(f"rank {rank} needs master_addr/master_port from rank 0")
+        # This node's IP as Ray knows it (reachable by the other nodes), or loopback outside Ray.
+        master_addr, master_port = where()["ip"], find_free_port()
+    os.environ.update(
+        MASTER_ADDR=master_addr,
+        MASTER_PORT=str(master_port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        # Under Ray each actor sees only its own GPU(s) (CUDA_VISIBLE_DEVICES), as cuda:0.
+        LOCAL_RANK="0",
+    )
+    return master_addr, int(master_port)
+
+
 class LearnerWorker:
     """One data-parallel rank of the DeepSpeed learner.
 
@@ -171,21 +192,8 @@ class LearnerWorker:
         master_port: Optional[int],
         cfg: LearnerConfig,
     ):
-        if master_addr is None:
-            if rank != 0:
-                raise ValueError(f"rank {rank} needs master_addr/master_port from rank 0")
-            # This node's IP as Ray knows it (reachable by the other nodes), or loopback outside Ray.
-            master_addr, master_port = where()["ip"], find_free_port()
         self.rank, self.world_size, self.cfg = rank, world_size, cfg
-        self.master_addr, self.master_port = master_addr, int(master_port)
-        os.environ.update(
-            MASTER_ADDR=master_addr,
-            MASTER_PORT=str(master_port),
-            RANK=str(rank),
-            WORLD_SIZE=str(world_size),
-            # Under Ray each actor sees only its own GPU(s) (CUDA_VISIBLE_DEVICES), as cuda:0.
-            LOCAL_RANK="0",
-        )
+        self.master_addr, self.master_port = set_rendezvous(rank, world_size, master_addr, master_port)
         self.engine: Optional[Engine] = None
         self._export: Optional[dict[str, Tensor]] = None   # this version's weights, exported once
         self._sync: Optional[WeightSync] = None             # rank 0: the samplers' weight publisher

@@ -22,7 +22,7 @@ def data_dir() -> Path:
 def ray_local():
     """A local Ray (2 CPUs, no dashboard) for one test module; tests that need one ask for it."""
     import ray
-    ray.init(num_cpus=2, include_dashboard=False, namespace="reft")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="reft")   # never a cluster found running here
     yield
     ray.shutdown()
 

@@ -50,6 +50,9 @@ def test_paper_cells_carry_the_papers_hyperparameters(path, capsys):
     # the warm-up is the first epochs of a 40-epoch linear-decay schedule (train_sft_model.py, SFT/*.sh)
     assert (cfg.sft.lr_schedule, cfg.sft.schedule_epochs) == ("linear_warmup_decay", 40)
     assert cfg.reward.rule == "paper"
+    r = cfg.reranker   # train_reward_model.py, Rerank/_template.sh
+    assert (r.samples, r.temperature, r.epochs, r.batch_size, r.lr, r.lr_schedule, r.warmup_ratio, r.max_length) == \
+        (100, 1.0, 3, 24, 1e-6, "linear_warmup_decay", 0.1, 700)
     # beta: 0.05 N-CoT, 0.01 P-CoT; the paper's script runs MathQA-numeric N-CoT at 0.01
     assert get_recipe(cfg.rl.algorithm).kl_coef(cfg) == (0.05 if kind == "ncot" and dataset != "mathqa-numeric" else 0.01)
     assert (cfg.rl.questions_per_step, cfg.rl.samples_per_question, cfg.rl.temperature) == (32, 1, 1.0)

@@ -21,14 +21,29 @@ def test_train_reranker_eval_and_report(tmp_path, ray_local, capsys):
     checkpoint = run / "sft" / "epoch-15"
     sampling = ["--samples", str(SAMPLES), "--max-new-tokens", "48", "rollout.max_model_len=256"]
 
-    # 1. the reranker: 1 epoch on samples of a few training questions, labelled by the reward actor
+    # 1. the reranker: 1 epoch on the samples of a few training questions, labelled by the reward
+    # actor. The checkpoint is a warm-up epoch: the samples are its own, cached under it.
     reranker = tmp_path / "reranker"
     assert main(["train-reranker", "--checkpoint", str(checkpoint), "--out", str(reranker), "--epochs", "1",
-                 "--max-questions", "16", "--lr", "1e-4", *sampling]) == 0
+                 "--max-questions", "16", "--lr", "1e-4", "--batch-size", "8", *sampling]) == 0
     meta = json.loads((reranker / "reranker.json").read_text())
-    assert meta["questions"] == 16 and len(meta["history"]) == 1 and 0 < meta["positives"] < 16 * SAMPLES
+    assert meta["questions"] == 16 and len(meta["history"]) == 1 and meta["drawn"] == 16 * SAMPLES
+    assert 0 < meta["positives"] < meta["distinct"] <= meta["drawn"]
+    assert meta["samples_from"] == meta["source_checkpoint"] == str(checkpoint)
+    assert (meta["reranker.lr"], meta["reranker.batch_size"], meta["steps"]) == (1e-4, 8, meta["distinct"] // 8)
     assert all((reranker / f).is_file() for f in ("config.json", "model.safetensors", "reranker_head.safetensors",
                                                   "tokenizer.json"))
+    (cache,) = (checkpoint / "reranker-samples").iterdir()
+    lines = [json.loads(line) for line in (cache / "samples.jsonl").read_text().splitlines()]
+    assert len(lines) == meta["distinct"] and sum(x["count"] for x in lines) == meta["drawn"]
+    assert all(len({x["completion"] for x in lines if x["question"] == q}) == sum(x["question"] == q for x in lines)
+               for q in range(16))   # de-duplicated per question
+    # a second reranker from the same warm-up reuses its samples: no sampling, same data
+    assert main(["train-reranker", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "again"), "--epochs", "1",
+                 "--max-questions", "16", "--batch-size", "8", *sampling]) == 0
+    again = json.loads((tmp_path / "again" / "reranker.json").read_text())
+    assert again["samples_cache"] == meta["samples_cache"] and again["distinct"] == meta["distinct"]
+    assert again["reranker.lr"] == 1e-6 and again["reranker.epochs"] == 1      # the paper's rate by default
 
     # 2. greedy, voting, pass@k and reranking; the synthetic task's settings come from the run's config.yaml
     assert main(["eval", "--checkpoint", str(checkpoint), "--dataset", "synthetic", "--max-questions",
@@ -46,9 +61,12 @@ def test_train_reranker_eval_and_report(tmp_path, ray_local, capsys):
     assert curve["pass_at_k"][0] == pytest.approx(result["sampled"]["accuracy"])
     assert result["pass_at_k"][str(SAMPLES)] == pytest.approx(100 * sum(any(q["correct"]) for q in questions) / QUESTIONS)
     assert 100 >= result["pass_at_k"][str(SAMPLES)] >= result["voting"]["accuracy"] >= 0
-    # reranking: the top-scored sample's correctness; with one sample there is nothing to choose
-    picked = 100 * sum(q["correct"][q["rerank_pick"]] for q in questions) / QUESTIONS
+    # reranking: the correctness of the top-scored sample with an answer (none: wrong); with one
+    # sample there is nothing to choose
+    assert all(q["rerank_pick"] is None or q["answers"][q["rerank_pick"]] is not None for q in questions)
+    picked = 100 * sum(q["rerank_pick"] is not None and q["correct"][q["rerank_pick"]] for q in questions) / QUESTIONS
     assert result["rerank"]["accuracy"] == pytest.approx(picked)
+    assert result["rerank"]["initialised_from"] == str(checkpoint)
     assert curve["rerank_accuracy"][0] == curve["voting_accuracy"][0]
     assert 0 <= result["rerank"]["accuracy"] <= result["pass_at_k"][str(SAMPLES)]
     assert (out / "eval.csv").is_file() and (out / "voting.png").stat().st_size > 10_000

@@ -29,7 +29,7 @@ def eval_json(checkpoint, answers, correct, scores, greedy):
     """An eval.json as ``reft eval`` writes it, its curves computed from hand-made samples."""
     k = len(answers[0])
     curve = {"k": list(range(1, k + 1)), "voting_accuracy": voting_curve(answers, correct),
-             "pass_at_k": pass_at_k_curve(correct), "rerank_accuracy": rerank_curve(scores, correct)}
+             "pass_at_k": pass_at_k_curve(correct), "rerank_accuracy": rerank_curve(scores, correct, answers)}
     return {"checkpoint": str(checkpoint), "dataset": "gsm8k", "split": "test", "cot_kind": "pcot",
             "questions": len(answers), "samples": k, "temperature": 1.0, "greedy": {"accuracy": greedy},
             "voting": {"k": k, "accuracy": curve["voting_accuracy"][-1]},

@@ -1,56 +1,56 @@
-"""The reranker model on a tiny Qwen2: reads the last real token, learns a separable label, and
-round-trips through its directory."""
+"""``reft train-reranker``'s data rules: which warm-up's samples a reranker trains on, and their
+per-question de-duplication. (The model: tests/learner/test_reranker.py; training on the learner
+group: tests/cluster/test_reranker.py; the command end to end: test_eval.py.)"""
+import dataclasses
+import json
+
 import pytest
-import torch
 
-from experiments.reranker import HEAD_FILE, Reranker, train
-from formats.hf import load_tokenizer
-from learner.data import Tokenized, tokenize_sft
-from tasks.synthetic import SyntheticConfig, generate
-from tasks.tiny_model import TinyModelConfig, build_tiny_model, corpus_from_examples
-
-SYN = SyntheticConfig(num_train=64, num_test=8)
-TINY = TinyModelConfig(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=128)
+from cluster.config import RunConfig
+from cluster.config_io import ConfigError
+from experiments.reranker import distinct, find_warmup, read_samples
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    train_set, test_set = generate(SYN, cot_kind="ncot")
-    return build_tiny_model(tmp_path_factory.mktemp("tiny"), corpus_from_examples(train_set + test_set), TINY,
-                            SYN.max_value)
+def test_distinct_keeps_first_occurrences_and_counts():
+    assert distinct(["a", "b", "a", "c", "b", "a"]) == [(0, 3), (1, 2), (3, 1)]
+    assert distinct(["x ", "x"]) == [(0, 1), (1, 1)]      # exact text, as the paper's code
+    assert distinct([]) == []
 
 
-@pytest.fixture(scope="module")
-def sequences(checkpoint):
-    tokenizer = load_tokenizer(checkpoint)
-    items = [tokenize_sft(tokenizer, e) for e in generate(SYN, cot_kind="ncot")[0][:16]]
-    return items, tokenizer.pad_token_id
+def _model_dir(path):
+    path.mkdir(parents=True)
+    (path / "config.json").write_text("{}")
+    return path
 
 
-def test_score_reads_the_last_real_token(checkpoint, sequences):
-    items, pad = sequences
-    model = Reranker.from_checkpoint(str(checkpoint))
-    torch.nn.init.normal_(model.head.weight)      # a non-zero head, so that scores differ
-    alone = [model.score([item], pad)[0] for item in items[:4]]
-    batched = model.score(items[:4], pad, batch_size=4)   # right-padded to the longest
-    assert batched == pytest.approx(alone, abs=1e-5)
-    assert len(set(round(s, 4) for s in alone)) > 1
+def test_find_warmup_from_the_run_layout_and_config(tmp_path):
+    run = tmp_path / "run"
+    _model_dir(run / "sft" / "epoch-1"), _model_dir(run / "sft" / "epoch-2")
+    (run / "config.yaml").write_text("name: run\n")
+    policy = _model_dir(run / "checkpoints" / "step-4" / "policy")
+    baseline = _model_dir(run / "rl" / "epoch-3")
+    continued = _model_dir(run / "sft-continued" / "epoch-5")
+    cfg = RunConfig()
+
+    # an SFT warm-up epoch is its own warm-up
+    assert find_warmup(run / "sft" / "epoch-1", cfg)[0] == run / "sft" / "epoch-1"
+    # RL policies and SFT baselines of a run that warmed up itself: its last warm-up epoch
+    for model in (policy, baseline, continued):
+        assert find_warmup(model, cfg)[0] == (run / "sft" / "epoch-2").resolve()
+    # a run started from a given warm-up (rl.warmup_checkpoint) names it
+    other = _model_dir(tmp_path / "elsewhere" / "sft" / "epoch-2")
+    given = dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, warmup_checkpoint=str(other)))
+    assert find_warmup(policy, given) == (other, "rl.warmup_checkpoint of its run config")
+    gone = dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, warmup_checkpoint=str(tmp_path / "gone")))
+    with pytest.raises(ConfigError, match="--samples-from"):
+        find_warmup(policy, gone)
+    # a model outside any run
+    with pytest.raises(ConfigError, match="--samples-from"):
+        find_warmup(_model_dir(tmp_path / "hub" / "model"), cfg)
 
 
-def test_learns_a_label_and_round_trips(checkpoint, sequences, tmp_path):
-    items, pad = sequences
-    # A label the last token gives away: positives end with token 5, negatives with token 6.
-    data = [Tokenized(t.prompt_ids, t.response_ids + [5 if i % 2 else 6]) for i, t in enumerate(items)]
-    labels = [i % 2 == 1 for i in range(len(data))]
-    model = Reranker.from_checkpoint(str(checkpoint))
-    torch.manual_seed(0)
-    history = train(model, data, labels, pad, epochs=5, lr=1e-2, batch_size=16)
-    assert history[-1]["reranker/epoch_loss"] < 0.5 * history[0]["reranker/epoch_loss"]
-    assert history[0]["reranker/positive_rate"] == 50.0
-
-    model.save(tmp_path / "rr", str(checkpoint), {"note": "test"})
-    assert (tmp_path / "rr" / HEAD_FILE).is_file() and (tmp_path / "rr" / "tokenizer.json").is_file()
-    loaded = Reranker.load(tmp_path / "rr")
-    assert loaded.score(data, pad) == pytest.approx(model.score(data, pad), abs=1e-6)
-    with pytest.raises(FileNotFoundError, match="reranker"):
-        Reranker.load(checkpoint)
+def test_a_truncated_cache_is_refused(tmp_path):
+    (tmp_path / "meta.json").write_text(json.dumps({"distinct": 2}))
+    (tmp_path / "samples.jsonl").write_text(json.dumps({"question": 0, "completion": "x", "correct": True}) + "\n")
+    with pytest.raises(ValueError, match="delete the directory"):
+        read_samples(tmp_path)

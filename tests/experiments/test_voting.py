@@ -80,11 +80,26 @@ def test_pass_at_k_curve_and_bounds():
 
 
 def test_rerank_by_hand():
-    assert rerank_pick([0.1, 0.9, 0.9, -1.0]) == 1                       # ties: the first
+    assert rerank_pick([0.1, 0.9, 0.9, -1.0], ["1", "2", "3", "4"]) == 1      # ties: the first
     scores = [[0.2, 0.8, 0.5], [0.9, 0.1, 0.95]]
     correct = [[False, True, False], [True, False, False]]
+    every = [["1", "2", "3"], ["4", "5", "6"]]
     # q0: k=1 picks 0 (wrong), k>=2 picks 1 (ok); q1: k=1,2 pick 0 (ok), k=3 picks 2 (wrong)
-    assert rerank_curve(scores, correct) == [50.0, 100.0, 50.0]
+    assert rerank_curve(scores, correct, every) == [50.0, 100.0, 50.0]
+
+
+def test_rerank_picks_among_answered_samples_only():
+    # The top score has no answer: the best answered one is picked; none answered: no pick.
+    assert rerank_pick([0.9, 0.2, 0.7], [None, "3", "c"]) == 2
+    assert rerank_pick([0.9, 0.2], [None, None]) is None
+    scores = [[0.9, 0.1, 0.5], [0.8, 0.7, 0.1]]
+    correct = [[False, True, False], [False, False, True]]
+    answers = [[None, "5", "7"], [None, None, "2"]]
+    # q0: k=1 none answered (wrong), k=2 picks 1 (ok), k=3 picks 2 (0.5 > 0.1, wrong);
+    # q1: k=1,2 none answered (wrong), k=3 picks 2 (ok)
+    assert rerank_curve(scores, correct, answers) == [0.0, 50.0, 50.0]
+    with pytest.raises(ValueError):
+        rerank_pick([0.1], [])
 
 
 def test_shapes_are_checked():

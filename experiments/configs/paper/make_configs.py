@@ -99,6 +99,15 @@ rl:
   offline_init: base
 reward:
   rule: paper                    # the official extraction, executor and judging (train_rl_reft.py, src/python_engine.py)
+reranker:                        # reft train-reranker (train_reward_model.py, exps/paper_exps/Rerank/_template.sh)
+  samples: 100                   # the warm-up's samples per training question, at T = 1
+  temperature: 1.0
+  epochs: 3
+  batch_size: 24                 # 3 per GPU x 8 GPUs
+  lr: 1.0e-6
+  lr_schedule: linear_warmup_decay
+  warmup_ratio: 0.1
+  max_length: 700                # max_input_length
 rollout:
   max_model_len: 700             # max_gen_length: prompt + answer <= 700 tokens
   num_actors: 4
