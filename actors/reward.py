@@ -143,9 +143,8 @@ def collect_scored(fleet, reward, example_of: Callable, expected: int, poll_time
     the decoding of the rest. ``example_of(sample)`` is the question a sample answers;
     ``on_chunk(samples)`` sees each chunk as it arrives (a progress bar); ``request_ids``: take only
     these requests' samples (``RolloutFleet.poll``). A chunk whose scoring died with the reward
-    actor is sent again to its restart, at most ``max_resends`` times (``reward.max_actor_restarts``);
-    ``stats`` (if given) counts the scoring calls lost with the actor (``lost_calls``) and the
-    samples scored again (``rescored_samples``).
+    actor is sent again to its restart (``_scores``); ``stats`` (if given) counts the scoring calls
+    lost with the actor (``lost_calls``) and their samples, scored again (``rescored_samples``).
 
     Raises:
         TimeoutError: no sample finished for ``poll_timeout_s``.
@@ -168,39 +167,53 @@ def collect_scored(fleet, reward, example_of: Callable, expected: int, poll_time
     if twice or len(samples) != expected:
         raise RuntimeError(f"the rollout fleet answered {len(samples)} samples for {expected} expected; answered "
                            f"more than once: {twice[:5]}: a bug in the fleet's bookkeeping (actors.fleet)")
+    lost = {"calls": 0, "samples": 0, "at": None}   # scoring calls lost with the actor, and since when
     scores = []
     for chunk, items, ref in pending:
-        scores += _scores(reward, items, ref, get_timeout_s, max_resends, stats)
+        scores += _scores(reward, items, ref, get_timeout_s, max_resends, lost)
+    if lost["calls"]:
+        health = ray.get(reward.health.remote(), timeout=get_timeout_s)
+        logger.warning("the reward actor is back on %s (pid %d): the %d samples of its %d lost calls scored, %.1f s "
+                       "after the loss", describe_node(health), health["pid"], lost["samples"], lost["calls"],
+                       time.monotonic() - lost["at"])
+        if stats is not None:
+            stats.update(lost_calls=lost["calls"], rescored_samples=lost["samples"])
     return samples, scores
 
 
-def _scores(reward, items: list, ref, timeout_s: float, max_resends: int,
-            stats: Optional[collections.Counter]) -> list[Score]:
-    """The scores of one chunk: ``ref``'s, or, where the reward actor died with it, those of the
-    same items sent again (Ray restarts the actor and queues the call meanwhile)."""
+RESTART_POLL_S = 0.5   # between tries while Ray reports the reward actor restarting
+
+
+def _scores(reward, items: list, ref, timeout_s: float, max_resends: int, lost: dict) -> list[Score]:
+    """The scores of one chunk: ``ref``'s, or, where the reward actor died with the call, those of
+    the same items sent again to its restart. While Ray says the actor is unavailable (restarting)
+    the call is tried again for up to ``timeout_s`` after the loss; a death (``ActorDiedError``:
+    this incarnation is gone) counts against ``max_resends``."""
     import ray
-    resends, lost_at = 0, None
+    deaths, resent = 0, False
     while True:
         try:
             scores = ray.get(ref, timeout=timeout_s)
             break
         except ray.exceptions.RayActorError as e:
-            lost_at = time.monotonic()
-            if stats is not None:
-                stats["lost_calls"] += 1
-            first_line = (str(e).strip().splitlines() or [""])[0]
-            if resends == max_resends:   # Ray's text names the actor, its node's IP and its pid
-                raise RuntimeError(f"the reward actor died {resends + 1} times while scoring the same {len(items)} "
-                                   f"samples (reward.max_actor_restarts={max_resends}); last: {type(e).__name__}: "
-                                   f"{' '.join(str(e).split())[:800]}") from e
-            resends += 1
-            logger.warning("the reward actor was lost while scoring %d samples (%s: %s); sending them to its "
-                           "restart (%d/%d)", len(items), type(e).__name__, first_line, resends, max_resends)
+            gist = f"{type(e).__name__}: {' '.join(str(e).split())[:800]}"   # names the actor, its IP, its pid
+            if lost["at"] is None:
+                lost["at"] = time.monotonic()
+                logger.warning("the reward actor was lost while scoring (%s); sending the lost calls to its restart",
+                               gist[:300])
+            if not resent:
+                resent = True
+                lost["calls"] += 1
+                lost["samples"] += len(items)
+            if isinstance(e, ray.exceptions.ActorUnavailableError):
+                if time.monotonic() - lost["at"] > timeout_s:
+                    raise RuntimeError(f"the reward actor did not come back within {timeout_s:.0f} s "
+                                       f"(cluster.call_timeout_s); last: {gist}") from e
+                time.sleep(RESTART_POLL_S)
+            else:
+                deaths += 1
+                if deaths > max_resends:
+                    raise RuntimeError(f"the reward actor died {deaths} times while scoring the same {len(items)} "
+                                       f"samples (reward.max_actor_restarts={max_resends}); last: {gist}") from e
             ref = reward.score.remote(items)
-    if resends:
-        health = ray.get(reward.health.remote(), timeout=timeout_s)
-        if stats is not None:
-            stats["rescored_samples"] += len(items)
-        logger.warning("the reward actor is back on %s (pid %d): re-scored %d samples %.1f s after the loss",
-                       describe_node(health), health["pid"], len(items), time.monotonic() - lost_at)
     return scores
