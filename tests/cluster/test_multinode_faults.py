@@ -196,25 +196,31 @@ def driver_killed(ray_multinode, storage, warmup, tmp_path_factory) -> dict:
             "after_kill": sorted(p.name for p in checkpoints.iterdir()), "latest": (checkpoints / "latest").read_text()}
 
 
+def resumed_until_stopped(run_dir: Path, fault) -> dict:
+    """`--resume` the run while ``fault(since)`` strikes it from a thread (``since``: the resume's
+    start); the run must stop with an error. Returns what the fault saw, when the run stopped, the
+    error, and the steps recorded."""
+    since = time.time()
+    striker, seen = in_background(lambda: fault(since))
+    with pytest.raises(RuntimeError) as stopped:
+        resume(run_dir)
+    seen["stopped_at"] = time.time()
+    striker.join(timeout=30)
+    assert "error" not in seen, seen
+    return {**seen, "run_dir": run_dir, "error": str(stopped.value), "steps": rl_steps(run_dir)}
+
+
 @pytest.fixture(scope="module")
 def learner_killed(ray_multinode, driver_killed) -> dict:
     """Resumed after the driver's death; learner rank 1's process SIGKILLed after step 3."""
     run_dir = driver_killed["run_dir"]
 
-    since = time.time()
-
-    def kill_rank_1():
+    def kill_rank_1(since):
         rank_1 = alive("learner-1")
         wait_for_step(run_dir, 3, since)
         os.kill(rank_1["pid"], signal.SIGKILL)
         return {"killed_at": time.time(), **rank_1}
-    killer, seen = in_background(kill_rank_1)
-    with pytest.raises(RuntimeError) as stopped:
-        resume(run_dir)
-    seen["stopped_at"] = time.time()
-    killer.join(timeout=5)
-    assert "error" not in seen, seen
-    return {**seen, "run_dir": run_dir, "error": str(stopped.value), "steps": rl_steps(run_dir)}
+    return resumed_until_stopped(run_dir, kill_rank_1)
 
 
 @pytest.fixture(scope="module")
@@ -223,26 +229,19 @@ def node_removed(ray_multinode, learner_killed, tmp_path_factory) -> dict:
     can hold the engine's 1.5 CPUs, so the run must stop); then a new worker node joins."""
     cluster, run_dir = ray_multinode, learner_killed["run_dir"]
 
-    since = time.time()
-
-    def remove_engines_node():
+    def remove_engines_node(since):
         engine, learner = alive("rollout-0"), alive("learner-0")
         name, node = node_of(cluster, engine["node_id"])
         wait_for_step(run_dir, 3, since)
         cluster.remove_node(node)
         return {"removed_at": time.time(), "node": name, "node_id": engine["node_id"], "ip": engine["ip"],
                 "learner_node_id": learner["node_id"]}
-    remover, seen = in_background(remove_engines_node)
-    with pytest.raises(RuntimeError) as stopped:
-        resume(run_dir)
-    seen["stopped_at"] = time.time()
-    remover.join(timeout=30)
-    assert "error" not in seen, seen
-    del cluster.workers[seen["node"]]
+    stopped = resumed_until_stopped(run_dir, remove_engines_node)
+    del cluster.workers[stopped["node"]]
     scratch = tmp_path_factory.mktemp("node-c")
     cluster.workers["c"] = cluster.add_node(num_cpus=2, resources={"node_c": 1}, env_vars={"TMPDIR": str(scratch)})
     cluster.wait_for_nodes()
-    return {**seen, "run_dir": run_dir, "error": str(stopped.value), "steps": rl_steps(run_dir)}
+    return stopped
 
 
 @pytest.fixture(scope="module")
