@@ -26,6 +26,11 @@ replacement if there are none). Every request id is answered exactly once: the f
 which actor incarnation owns each request, and samples from any other incarnation (a dead
 actor's late replies) are discarded. A slot that dies more than ``cfg.max_actor_restarts``
 times raises, so a crash loop stops the run loudly.
+
+Nodes. Each actor reports the node it runs on (``RolloutWorker.node``) before its engine starts;
+the loss and the recovery of a slot are logged with the nodes and the seconds it was out. A replacement that Ray cannot place within ``place_timeout_s`` (its node was
+lost and no other node has room for its resources or its placement-group bundle) raises,
+naming the lost node: replacing it again could not help, the run needs a node.
 """
 from __future__ import annotations
 
@@ -40,6 +45,7 @@ import ray
 from ray.exceptions import RayActorError
 
 from actors.config import RAY_NAMESPACE, RolloutConfig
+from actors.naming import describe_node, wait_name_free
 from actors.rollout import RolloutWorker, Sample, SampleRequest
 from actors.weight_sync import (
     WeightHandle,
@@ -64,6 +70,8 @@ class _Slot:
     restarts: int = 0
     assigned: dict[str, SampleRequest] = dataclasses.field(default_factory=dict)   # in flight here
     polling: bool = False
+    node: Optional[dict] = None    # where this incarnation runs (``RolloutWorker.node``); None until placed
+    lost: Optional[dict] = None    # since when it is out (the first loss not recovered from), its node, why
 
     @property
     def load(self) -> int:
@@ -74,7 +82,7 @@ class _Slot:
 class _Call:
     slot: int
     incarnation: int
-    kind: str                      # start | load | poll | submit | sleep | wake_up
+    kind: str                      # place | start | load | poll | submit | sleep | wake_up
     deadline: float
 
 
@@ -82,13 +90,17 @@ class RolloutFleet:
     """``cfg.num_actors`` rollout actors behind one request stream (module docstring)."""
 
     def __init__(self, cfg: RolloutConfig, sync: Optional[WeightSync] = None, namespace: str = RAY_NAMESPACE,
-                 name_prefix: str = "rollout", actor_options: Optional[Callable[[int], dict]] = None):
+                 name_prefix: str = "rollout", actor_options: Optional[Callable[[int], dict]] = None,
+                 place_timeout_s: Optional[float] = None):
         """
         Args:
             actor_options: Ray resources and scheduling of slot i's actor (and of its
                 replacements, which go back into the same placement-group bundle): the run's plan,
                 ``cluster.placement.Placement.options("rollout", i)``. None = ``cfg``'s
                 ``num_cpus_per_actor`` / ``num_gpus_per_actor`` wherever Ray finds room.
+            place_timeout_s: how long an actor may wait for Ray to place it (resources free on a
+                node, its bundle re-placed after its node was lost) before the fleet gives up;
+                a run passes ``cluster.placement_timeout_s``. None = ``cfg.start_timeout_s``.
         """
         if not ray.is_initialized():
             raise RuntimeError("RolloutFleet needs Ray: call ray.init() (or cluster.runtime.init_ray) first")
@@ -100,6 +112,7 @@ class RolloutFleet:
         self._handle_sync: WeightSync = self.sync          # ... and the transport that published them
         self._remote = ray.remote(RolloutWorker)
         self._actor_options = actor_options or self._default_options
+        self.place_timeout_s = cfg.start_timeout_s if place_timeout_s is None else place_timeout_s
         self.slots = [_Slot(f"{name_prefix}-{i}") for i in range(cfg.num_actors)]
         self._calls: dict[ray.ObjectRef, _Call] = {}
         self._pending: dict[str, SampleRequest] = {}       # submitted, not yet answered
@@ -262,15 +275,17 @@ class RolloutFleet:
             raise TimeoutError(f"rollout actors not serving after {timeout_s:.0f} s: {self.describe()}")
 
     def describe(self) -> dict[str, str]:
-        return {s.name: f"{s.state} (incarnation {s.incarnation}, {len(s.assigned)} requests)" for s in self.slots}
+        return {s.name: f"{s.state} (incarnation {s.incarnation} on {describe_node(s.node)}, {len(s.assigned)} requests)"
+                for s in self.slots}
 
     def health(self) -> list[dict]:
         live = [s for s in self.slots if s.actor is not None]
         return ray.get([s.actor.health.remote() for s in live], timeout=self.cfg.call_timeout_s)
 
     def shutdown(self) -> None:
-        """Stop every engine, kill the actors, free their names, release the weight sync."""
-        stopping = [s.actor.shutdown.remote() for s in self.slots if s.actor is not None]
+        """Stop every engine, kill the actors, free their names, release the weight sync. (An
+        actor Ray has not placed yet is only killed: it would never answer.)"""
+        stopping = [s.actor.shutdown.remote() for s in self.slots if s.actor is not None and s.node is not None]
         try:
             ray.wait(stopping, num_returns=len(stopping), timeout=self.cfg.call_timeout_s)
         finally:
@@ -279,7 +294,7 @@ class RolloutFleet:
                     ray.kill(slot.actor, no_restart=True)
                     slot.actor = None
             for slot in self.slots:
-                self._wait_name_free(slot.name)
+                wait_name_free(slot.name, self.namespace, self.cfg.call_timeout_s)
             self.sync.close()
             self._calls.clear()
 
@@ -344,10 +359,13 @@ class RolloutFleet:
         if call.kind == "poll":
             slot.polling = False
             self._accept(slot, result)
+        elif call.kind == "place":
+            slot.node = result
+            self._start_engine(call.slot)
         elif call.kind == "start":
             self._catch_up(call.slot)
         elif call.kind == "load":
-            slot.state = "serving"
+            self._serving(slot)
             if on_load is not None:
                 on_load(slot, result)
             if self._handle is not None and result["version"] != self._handle.version:
@@ -398,22 +416,48 @@ class RolloutFleet:
             if now <= call.deadline or ref not in self._calls:
                 continue
             del self._calls[ref]
-            if call.incarnation == self.slots[call.slot].incarnation:
-                self._replace(call.slot, f"{call.kind} call missed its deadline (hung)")
+            if call.incarnation != self.slots[call.slot].incarnation:
+                continue
+            if call.kind == "place":   # no node has room for it: another replacement would wait as well
+                raise RuntimeError(self._unplaceable(call.slot))
+            self._replace(call.slot, f"{call.kind} call missed its deadline (hung)")
 
     # ------------------------------------------------------------------ faults
 
     def _launch(self, index: int) -> None:
-        """Start a (new) actor in slot ``index``: engine start, then ``_catch_up``."""
+        """Start a (new) actor in slot ``index``: placed (``RolloutWorker.node`` answers), then its
+        engine starts (``_start_engine``), then ``_catch_up``."""
         slot = self.slots[index]
-        self._wait_name_free(slot.name)
+        wait_name_free(slot.name, self.namespace, self.cfg.call_timeout_s)
         slot.actor = self._remote.options(
             name=slot.name, namespace=self.namespace, **self._actor_options(index),
             max_restarts=0,   # replacement is ours: it must catch up on weights before serving
         ).remote(self.cfg, slot.name, 0)
-        slot.state, slot.polling = "starting", False
+        slot.state, slot.polling, slot.node = "starting", False, None
+        ref = slot.actor.node.remote()
+        self._calls[ref] = _Call(index, slot.incarnation, "place", time.monotonic() + self.place_timeout_s)
+
+    def _start_engine(self, index: int) -> None:
+        slot = self.slots[index]
+        if slot.lost is not None:
+            slot.lost["placed_s"] = time.monotonic() - slot.lost["at"]
         ref = slot.actor.start.remote()
         self._calls[ref] = _Call(index, slot.incarnation, "start", time.monotonic() + self.cfg.start_timeout_s)
+
+    def _unplaceable(self, index: int) -> str:
+        slot = self.slots[index]
+        wanted = {k: v for k, v in self._actor_options(index).items() if k != "scheduling_strategy"}
+        bundle = " in its placement-group bundle" if "scheduling_strategy" in self._actor_options(index) else ""
+        lost = ""
+        if slot.lost:
+            node = slot.lost["node"]
+            gone = node and not any(n["NodeID"] == node["node_id"] and n["Alive"] for n in ray.nodes())
+            lost = (f" after incarnation {slot.incarnation - 1} was lost on {describe_node(node)}"
+                    f"{', which has left the cluster' if gone else ''} ({slot.lost['reason']})")
+        return (f"{slot.name} (incarnation {slot.incarnation}) was not placed within {self.place_timeout_s:.0f} s"
+                f"{lost}: no node of the Ray cluster has {wanted} free{bundle}. Add a node (or free the "
+                "resources) and start again: a run resumes from its last checkpoint (the wait is "
+                "cluster.placement_timeout_s)")
 
     def _default_options(self, index: int) -> dict:
         num_gpus = self.cfg.num_gpus_per_actor
@@ -432,7 +476,7 @@ class RolloutFleet:
             self._replace(index, f"could not join the weight sync: {e}")
             return
         if self._handle is None:
-            slot.state = "serving"
+            self._serving(slot)
             self._dispatch()
             return
         slot.state = "loading"
@@ -447,9 +491,11 @@ class RolloutFleet:
         """The actor in slot ``index`` is dead or hung: re-issue its requests, start another."""
         slot = self.slots[index]
         slot.restarts += 1
-        logger.warning("%s (incarnation %d) is lost: %s; re-issuing %d requests and replacing it (restart %d/%d)",
-                       slot.name, slot.incarnation, reason, len(slot.assigned), slot.restarts,
+        logger.warning("%s (incarnation %d, %s) is lost: %s; re-issuing %d requests and replacing it (restart %d/%d)",
+                       slot.name, slot.incarnation, describe_node(slot.node), reason, len(slot.assigned), slot.restarts,
                        self.cfg.max_actor_restarts)
+        first = slot.lost or {"at": time.monotonic(), "node": slot.node}   # a replacement lost too: since the first
+        slot.lost = {**first, "reason": reason}
         orphans = list(slot.assigned.values())
         slot.assigned.clear()
         self._backlog.extendleft(reversed(orphans))   # first in line, in their original order
@@ -466,17 +512,16 @@ class RolloutFleet:
         self._launch(index)
         self._dispatch()   # the orphans go to the actors still serving, if any
 
-    def _wait_name_free(self, name: str) -> None:
-        deadline = time.monotonic() + self.cfg.call_timeout_s
-        while True:
-            try:
-                ray.get_actor(name, namespace=self.namespace)
-            except ValueError:
-                return   # no such actor: the name is free
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"actor {self.namespace}/{name} still registered after "
-                                   f"{self.cfg.call_timeout_s:.0f} s")
-            time.sleep(0.1)
+    def _serving(self, slot: _Slot) -> None:
+        """The slot serves the fleet's version; after a replacement, log how long it was out."""
+        slot.state = "serving"
+        if slot.lost is None:
+            return
+        lost, slot.lost = slot.lost, None
+        logger.warning("%s recovered: incarnation %d on %s serves weights version %d, %.1f s after the loss on %s "
+                       "(placed after %.1f s, then engine start and weight load)", slot.name, slot.incarnation,
+                       describe_node(slot.node), self.version, time.monotonic() - lost["at"],
+                       describe_node(lost["node"]), lost.get("placed_s", 0.0))
 
     def _sync_deadline(self) -> float:
         return self.cfg.sync_timeout_s + self.cfg.call_timeout_s

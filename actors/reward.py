@@ -12,6 +12,11 @@ its program is charged). What can still fail a call is a data bug, e.g. a gold a
 not a number: that raises (the caller gets the error, the actor stays up), because scoring it
 as 0 would hide a broken dataset.
 
+If the actor's process dies all the same (killed, out of memory, its node lost), Ray restarts it
+(``reward.max_actor_restarts`` times a run) and ``collect_scored`` sends the samples whose scores
+were lost with it again: each sample of a step is scored exactly once in the step's results
+(scoring is a pure function, so a chunk the dead process had finished changes nothing).
+
 A P-CoT sample is the model's continuation of the P-CoT prompt, which already holds the function
 header; give its ``question`` and the header is put back before the program is cut and run
 (``rewards.score.prepare_program``, once, in ``Scorer.score``). Without a question the completion must be a whole program.
@@ -23,12 +28,16 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import time
 from typing import Callable, Mapping, Optional, Sequence, Union
 
 from actors.config import RAY_NAMESPACE
+from actors.naming import describe_node, wait_name_free, where
 from rewards.sandbox import STATUSES
 from rewards.score import RewardConfig, Score, Scorer
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +103,7 @@ class RewardWorker:
         }
 
     def health(self) -> dict:
-        return {"sandbox_worker_pids": self.scorer.sandbox.worker_pids, **self.stats()}
+        return {"sandbox_worker_pids": self.scorer.sandbox.worker_pids, **where(), **self.stats()}
 
     def close(self) -> None:
         self.scorer.close()
@@ -106,12 +115,13 @@ def launch(cfg: RewardConfig = RewardConfig(), name: str = "reward", namespace: 
 
     ``num_cpus`` is a scheduling share only (the sandbox workers use what the node has);
     fractional so that it never blocks the rollout and learner actors on a small node. Ray
-    restarts the actor once if its process dies (its stats then start from zero); programs
-    cannot kill it, so that would be the host's doing (out of memory).
+    restarts the actor ``cfg.max_actor_restarts`` times if its process dies (its stats then start
+    from zero; module docstring); programs cannot kill it, so that would be the host's doing.
     """
     import ray
+    wait_name_free(name, namespace, timeout_s)   # a crashed run's reward actor may still hold it
     actor = ray.remote(RewardWorker).options(name=name, namespace=namespace, num_cpus=num_cpus,
-                                             max_restarts=1).remote(cfg)
+                                             max_restarts=cfg.max_actor_restarts).remote(cfg)
     ray.get(actor.health.remote(), timeout=timeout_s)
     return actor
 
@@ -125,27 +135,72 @@ def reward_item(completion: str, example) -> RewardItem:
 
 def collect_scored(fleet, reward, example_of: Callable, expected: int, poll_timeout_s: float,
                    get_timeout_s: float, on_chunk: Optional[Callable] = None,
-                   request_ids: Optional[set] = None) -> tuple[list, list[Score]]:
+                   request_ids: Optional[set] = None, max_resends: int = RewardConfig.max_actor_restarts,
+                   stats: Optional[collections.Counter] = None) -> tuple[list, list[Score]]:
     """The next ``expected`` samples from a ``RolloutFleet`` and their scores, in arrival order.
 
     Each chunk of finished samples goes to ``reward`` (a reward actor) at once, so scoring overlaps
     the decoding of the rest. ``example_of(sample)`` is the question a sample answers;
     ``on_chunk(samples)`` sees each chunk as it arrives (a progress bar); ``request_ids``: take only
-    these requests' samples (``RolloutFleet.poll``). Raises TimeoutError if no sample finishes for
-    ``poll_timeout_s``.
+    these requests' samples (``RolloutFleet.poll``). A chunk whose scoring died with the reward
+    actor is sent again to its restart, at most ``max_resends`` times (``reward.max_actor_restarts``);
+    ``stats`` (if given) counts the scoring calls lost with the actor (``lost_calls``) and the
+    samples scored again (``rescored_samples``).
+
+    Raises:
+        TimeoutError: no sample finished for ``poll_timeout_s``.
+        RuntimeError: the fleet answered a sample twice, or the reward actor stayed dead.
     """
     import ray
-    pending, got = [], 0   # (samples, ObjectRef of their scores)
+    pending, got = [], 0   # (samples, their reward items, ObjectRef of their scores)
     while got < expected:
         chunk = fleet.poll(timeout_s=poll_timeout_s, request_ids=request_ids)
         if not chunk:
             raise TimeoutError(f"no rollout finished in {poll_timeout_s:.0f} s: {fleet.describe()}")
-        pending.append((chunk, reward.score.remote([reward_item(s.completion_text, example_of(s)) for s in chunk])))
+        items = [reward_item(s.completion_text, example_of(s)) for s in chunk]
+        pending.append((chunk, items, reward.score.remote(items)))
         got += len(chunk)
         if on_chunk is not None:
             on_chunk(chunk)
-    samples, scores = [], []
-    for chunk, ref in pending:
-        samples += chunk
-        scores += ray.get(ref, timeout=get_timeout_s)
+    samples = [s for chunk, _, _ in pending for s in chunk]
+    seen = collections.Counter((s.request_id, s.index) for s in samples)
+    twice = [key for key, n in seen.items() if n > 1]
+    if twice or len(samples) != expected:
+        raise RuntimeError(f"the rollout fleet answered {len(samples)} samples for {expected} expected; answered "
+                           f"more than once: {twice[:5]}: a bug in the fleet's bookkeeping (actors.fleet)")
+    scores = []
+    for chunk, items, ref in pending:
+        scores += _scores(reward, items, ref, get_timeout_s, max_resends, stats)
     return samples, scores
+
+
+def _scores(reward, items: list, ref, timeout_s: float, max_resends: int,
+            stats: Optional[collections.Counter]) -> list[Score]:
+    """The scores of one chunk: ``ref``'s, or, where the reward actor died with it, those of the
+    same items sent again (Ray restarts the actor and queues the call meanwhile)."""
+    import ray
+    resends, lost_at = 0, None
+    while True:
+        try:
+            scores = ray.get(ref, timeout=timeout_s)
+            break
+        except ray.exceptions.RayActorError as e:
+            lost_at = time.monotonic()
+            if stats is not None:
+                stats["lost_calls"] += 1
+            first_line = (str(e).strip().splitlines() or [""])[0]
+            if resends == max_resends:   # Ray's text names the actor, its node's IP and its pid
+                raise RuntimeError(f"the reward actor died {resends + 1} times while scoring the same {len(items)} "
+                                   f"samples (reward.max_actor_restarts={max_resends}); last: {type(e).__name__}: "
+                                   f"{' '.join(str(e).split())[:800]}") from e
+            resends += 1
+            logger.warning("the reward actor was lost while scoring %d samples (%s: %s); sending them to its "
+                           "restart (%d/%d)", len(items), type(e).__name__, first_line, resends, max_resends)
+            ref = reward.score.remote(items)
+    if resends:
+        health = ray.get(reward.health.remote(), timeout=timeout_s)
+        if stats is not None:
+            stats["rescored_samples"] += len(items)
+        logger.warning("the reward actor is back on %s (pid %d): re-scored %d samples %.1f s after the loss",
+                       describe_node(health), health["pid"], len(items), time.monotonic() - lost_at)
+    return scores

@@ -56,6 +56,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from actors.config import RolloutConfig
+from actors.naming import where
 from actors.weight_sync import (
     WEIGHTS_FILE,
     NcclBroadcastSync,
@@ -555,6 +556,11 @@ class RolloutWorker:
 
     # ------------------------------------------------------------------ state
 
+    def node(self) -> dict:
+        """Where this actor runs: its Ray node id and IP, and its process id. Answered at once,
+        also before ``start`` (the fleet asks it first: the answer says Ray has placed the actor)."""
+        return where()
+
     def version(self) -> int:
         return self._version
 
@@ -573,7 +579,7 @@ class RolloutWorker:
             "queued": len(self._tasks) - self._in_flight,
             "outbox": sum(len(g) for g in self._outbox),
             "block_size": self.engine.block_size if self.engine else None,
-            "pid": os.getpid(),
+            **where(),
             **self._stats,
         }
 

@@ -7,19 +7,23 @@ The actor class is a plain class (``learner.worker.LearnerWorker``) following th
     __init__(rank, world_size, master_addr, master_port, cfg)   cheap; rank 0 gets None, None
                                                                 and picks the rendezvous itself
     get_master_addr_port() -> (str, int)                        rank 0's choice
+    node() -> {"node_id", "ip", "pid"}                          where the rank runs (``actors.naming.where``)
     setup()                                                     joins the process group (collective)
 
 Start-up: rank 0 first; it is asked for its node's IP and a free port; ranks 1..M-1 are started
-with that rendezvous; then ``setup`` runs on all ranks at once. Rank r gets the Ray resources and
-scheduling ``options(r)`` says: in a run, the placement plan's (``cluster.placement``: in the GPU
+with that rendezvous; each says where it runs; then ``setup`` runs on all ranks at once. (A
+name still held, by the ranks of a run that just crashed, is waited for first.) Rank r gets the
+Ray resources and scheduling ``options(r)`` says: in a run, the placement plan's (``cluster.placement``: in the GPU
 modes its GPU share and its placement-group bundle), else ``num_cpus_per_actor`` CPUs wherever
 Ray finds room. Actors are named ``{name_prefix}-{rank}`` in namespace ``reft`` so that the Ray
 dashboard and ``ray.get_actor`` find them.
 
 Calls: ``async_run`` / ``async_run_sharded`` return one ObjectRef per rank (the caller waits);
-``run`` / ``run_sharded`` wait for all of them with a timeout, raise as soon as one rank fails,
-and name the actor in the error. After a failure the world is broken (the other ranks may be
-stuck in a collective): ``kill`` the group and start a new one.
+``run`` / ``run_sharded`` wait for all of them with a timeout, raise as soon as one rank fails
+(``RankFailure``, naming the rank, its node and IP), or when ``timeout_s`` passes without every
+answer (TimeoutError naming the ranks still pending and their nodes: hung, or stuck in a
+collective with a dead peer until ``learner.collective_timeout_s``). After a failure the world
+is broken (the other ranks may be stuck in a collective): ``kill`` the group and start a new one.
 """
 from __future__ import annotations
 
@@ -31,8 +35,21 @@ import torch
 from torch import Tensor
 
 from actors.config import RAY_NAMESPACE
+from actors.naming import describe_node, wait_name_free
 
 Method = Union[str, Callable]  # "ppo_update" or LearnerWorker.ppo_update
+
+
+class RankFailure(RuntimeError):
+    """A rank's call failed (its actor died, or the method raised): the message names the rank,
+    its node and IP, and what to do. ``rank`` and ``node`` (``actors.naming.where``) say which."""
+
+    def __init__(self, message: str, rank: int, node: Optional[dict]):
+        super().__init__(message)
+        self.rank, self.node = rank, node
+
+    def __reduce__(self):
+        return type(self), (str(self), self.rank, self.node)
 
 
 def shard(batch: dict[str, Tensor], world_size: int) -> list[dict[str, Tensor]]:
@@ -102,6 +119,7 @@ class ActorGroup:
         self.namespace = namespace
         self.timeout_s = timeout_s
         self.names = [f"{name_prefix}-{rank}" for rank in range(num_ranks)]
+        self.nodes: list[Optional[dict]] = [None] * num_ranks   # where each rank runs (``node()``)
         remote_cls = ray.remote(actor_cls)
 
         def start(rank: int, addr: Optional[str], port: Optional[int]):
@@ -111,12 +129,15 @@ class ActorGroup:
 
         self.actors = []
         try:
+            for name in self.names:
+                wait_name_free(name, namespace, timeout_s)
             self.actors.append(start(0, None, None))
             ((addr, port),) = self._wait(
                 [self.actors[0].get_master_addr_port.remote()], "get_master_addr_port", self.names[:1]
             )
             self.actors += [start(rank, addr, port) for rank in range(1, num_ranks)]
             self.master_addr, self.master_port = addr, port
+            self.nodes = self.run("node")
             self.setup_seconds = self.run("setup")  # per rank; includes waiting for the others
         except BaseException:
             self.kill()  # free the names, or the next group could not start
@@ -145,6 +166,13 @@ class ActorGroup:
         """``async_run`` and wait: the per-rank results, in rank order."""
         return self._wait(self.async_run(method, *args, **kwargs), self._method_name(method), self.names)
 
+    def run_rank(self, rank: int, method: Method, *args, **kwargs) -> Any:
+        """Call ``method`` on rank ``rank`` alone and wait (what only one rank holds, e.g. rank 0's
+        weight publisher; a call the other ranks would join as a collective would hang)."""
+        name = self._method_name(method)
+        ref = getattr(self.actors[rank], name).remote(*args, **kwargs)
+        return self._wait([ref], name, self.names[rank:rank + 1])[0]
+
     def run_sharded(self, method: Method, batch: dict[str, Tensor], *args, **kwargs) -> list[Any]:
         """``async_run_sharded`` and wait: the per-rank results, in rank order (``unshard`` puts
         per-row results back in the batch's order)."""
@@ -158,12 +186,7 @@ class ActorGroup:
             ray.kill(actor, no_restart=True)
         deadline = time.monotonic() + timeout_s
         for name in self.names:
-            while _actor_exists(name, self.namespace):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(
-                        f"actor {self.namespace}/{name} still registered {timeout_s} s after ray.kill"
-                    )
-                time.sleep(0.1)
+            wait_name_free(name, self.namespace, max(0.0, deadline - time.monotonic()))
         self.actors = []
 
     # ------------------------------------------------------------------ helpers
@@ -176,8 +199,8 @@ class ActorGroup:
 
     def _wait(self, refs: list[ray.ObjectRef], what: str, names: list[str]) -> list[Any]:
         """Results of ``refs`` (one per actor in ``names``), in order. Raises as soon as one fails
-        (RuntimeError naming the actor, from Ray's error), or TimeoutError naming the ranks still
-        pending after ``timeout_s``."""
+        (``RankFailure`` naming the rank and its node, with Ray's error), or TimeoutError naming
+        the ranks still pending after ``timeout_s``."""
         deadline = time.monotonic() + self.timeout_s
         pending = dict(zip(refs, names))
         results = {}
@@ -186,26 +209,39 @@ class ActorGroup:
             ready = ray.wait(list(pending), num_returns=1, timeout=max(0.0, remaining))[0] if remaining > 0 else []
             if not ready:
                 raise TimeoutError(
-                    f"{what}: {', '.join(sorted(pending.values()))} (namespace {self.namespace}) did not "
-                    f"answer within {self.timeout_s:.0f} s"
+                    f"{what}: {'; '.join(self._describe(n) for n in sorted(pending.values()))} did not answer "
+                    f"within {self.timeout_s:.0f} s (hung, or waiting in a collective for a rank that is; "
+                    "cluster.call_timeout_s): kill the group and start a new one (a run: from its last checkpoint)"
                 )
             for ref in ready:
                 name = pending.pop(ref)
                 try:
                     results[ref] = ray.get(ref, timeout=max(1.0, deadline - time.monotonic()))
                 except ray.exceptions.RayError as err:
-                    raise RuntimeError(f"{self.namespace}/{name}.{what} failed: {err}") from err
+                    rank = self.names.index(name)
+                    died = isinstance(err, ray.exceptions.RayActorError)
+                    # A death in one line (Ray's text goes on with the actor's details); an exception of
+                    # the method whole (its traceback says where).
+                    why = f"died in {what}: {_gist(err)}" if died else f"failed in {what}: {err}"
+                    raise RankFailure(
+                        f"{self._describe(name)} {why}. The other ranks cannot go on without it: kill the group "
+                        "and start a new one (a run: from its last checkpoint)", rank, self.nodes[rank]) from err
         return [results[ref] for ref in refs]
+
+    def _describe(self, name: str) -> str:
+        """"reft/learner-1 (rank 1 of 2, node 1a2b3c4d5e6f (10.0.0.5), pid 4242)"."""
+        rank = self.names.index(name)
+        node = self.nodes[rank]
+        pid = f", pid {node['pid']}" if node else ""
+        return f"{self.namespace}/{name} (rank {rank} of {self.num_ranks}, {describe_node(node)}{pid})"
+
+
+def _gist(err: Exception) -> str:
+    """Ray's error in one line: its type and first line (the rest is a traceback or actor details)."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0].rstrip('.') if lines else ''}"
 
 
 def _put(value: Any) -> ray.ObjectRef:
     """Into the object store once (Ray hands a top-level ObjectRef argument over as its value)."""
     return value if isinstance(value, ray.ObjectRef) else ray.put(value)
-
-
-def _actor_exists(name: str, namespace: str) -> bool:
-    try:
-        ray.get_actor(name, namespace=namespace)
-    except ValueError:
-        return False
-    return True

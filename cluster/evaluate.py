@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from actors.config import RAY_NAMESPACE
+from actors.naming import wait_name_free
 from formats.records import Example, prompt_token_ids
 
 if TYPE_CHECKING:   # torch and Ray: imported where used, so that the CLI's --help stays light
@@ -171,13 +171,7 @@ class FleetEvaluator(Evaluator):
             ray.get(self.reward.close.remote(), timeout=30)   # stops its sandbox workers
         finally:
             ray.kill(self.reward, no_restart=True)
-        deadline = time.monotonic() + 30   # free the name for the next evaluator in this cluster
-        while time.monotonic() < deadline:
-            try:
-                ray.get_actor(self.REWARD_NAME, namespace=RAY_NAMESPACE)
-            except ValueError:
-                return
-            time.sleep(0.1)
+        wait_name_free(self.REWARD_NAME, RAY_NAMESPACE, 30)   # free for the next evaluator in this cluster
 
 
 class HFEvaluator(Evaluator):

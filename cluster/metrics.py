@@ -5,6 +5,8 @@
     log.close()          # also writes metrics.csv (one column per key)
 
 Keys carry a namespace (``sft/``, ``rl/``, ``eval/``, ``perf/``, ``timing/``) as verl's do.
+A resumed run first drops what the stopped one recorded after its checkpoint (``drop_after``):
+the steps that follow write those records again, and each step must be there once.
 Ray custom metrics (``ray.util.metrics.Gauge``, shown by the Ray dashboard's Metrics page and
 its Prometheus endpoint) are published for the keys given in ``ray_keys`` when Ray is running.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Iterable, Mapping, Optional
@@ -44,6 +47,19 @@ class MetricsLogger:
             if key in self._ray_keys:
                 self._gauge(key).set(value)
 
+    def drop_after(self, step: int) -> list[dict]:
+        """Keep only the records of steps <= ``step`` (-1: none), in metrics.jsonl and in TensorBoard
+        (its events of later steps are purged from view); returns the records kept."""
+        self._file.close()
+        kept = [r for r in read_metrics(self.path) if r["step"] <= step]
+        write_atomically(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        self._file = open(self.path, "a", encoding="utf-8")
+        if self._tb is not None:
+            from torch.utils.tensorboard import SummaryWriter
+            self._tb.close()
+            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=step + 1)
+        return kept
+
     def _gauge(self, key: str):
         if key not in self._gauges:
             import ray
@@ -69,6 +85,18 @@ class _NullGauge:
 def read_metrics(path: Path) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+PARTIAL = ".tmp-"   # <name>.tmp-<pid>: a file (or checkpoint) being written, or left by a process stopped meanwhile
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Replace ``path`` by a file holding ``text``: a reader (or a run resumed after a crash) sees
+    the old content or the new, never a part (a temporary file beside it, then ``os.replace``)."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}{PARTIAL}{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def write_csv(jsonl: Path, csv: Path) -> None:

@@ -25,10 +25,13 @@ learner's.
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import json
 import logging
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Callable, Optional, Protocol, Sequence
@@ -47,7 +50,7 @@ from cluster.config_io import dump_yaml
 from cluster.evaluate import FleetEvaluator
 from cluster.experience import add_advantages, samples_to_batch
 from cluster.console import CONSOLE, PhaseBar
-from cluster.metrics import MetricsLogger, summary_line
+from cluster.metrics import PARTIAL, MetricsLogger, summary_line, write_atomically
 from cluster.placement import place
 from cluster.schedule import TrainState, next_questions, peek_questions
 from cluster.sft import start_learners
@@ -163,7 +166,8 @@ class RLTrainer:
                 self.learners = learners.result()
             sender = RemoteSender(lambda: learners.result().actors[0], rollout_cfg.sync, cfg.cluster.call_timeout_s)
             self.fleet = RolloutFleet(rollout_cfg, sync=sender,
-                                      actor_options=lambda i: self.placement.options("rollout", i))
+                                      actor_options=lambda i: self.placement.options("rollout", i),
+                                      place_timeout_s=cfg.cluster.placement_timeout_s)
             self.startup_s["rollout"] = time.perf_counter() - start
             self.learners = learners.result()
             t = time.perf_counter()
@@ -186,6 +190,7 @@ class RLTrainer:
         self.state = TrainState()
         self.total_steps = total_steps(cfg, len(train))
         self.prefetched: Optional[list[int]] = None   # next step's questions, already sampling (max_staleness 1)
+        self.reward_stats: collections.Counter = collections.Counter()   # scoring calls lost, samples re-scored
         self.metrics = MetricsLogger(run_dir / "rl", ray_keys=RAY_KEYS)
 
     # ---------------------------------------------------------------- one RL step
@@ -246,6 +251,10 @@ class RLTrainer:
             "rl/epoch": state.epoch + state.position / len(self.train_set),
             "rl/staleness": float(state.version - 1 - min(s.policy_version for s in samples)),
             "rollout/actor_restarts": float(self.fleet.num_restarts),
+            "rollout/reissued_requests": float(self.fleet.stats["reissued_requests"]),
+            "reward/lost_calls": float(self.reward_stats["lost_calls"]),
+            "reward/rescored_samples": float(self.reward_stats["rescored_samples"]),
+            "rl/samples": float(n),
             "rollout/handle_bytes": float(self.fleet.stats["last_handle_bytes"]),
             "perf/rollout_tokens_per_s": sum(len(s.completion_token_ids) for s in samples)
                                          / max(timing["timing/rollout_s"], 1e-9),
@@ -264,7 +273,8 @@ class RLTrainer:
         """The ``expected`` samples of the submitted step and their scores (scored as they
         finish, `actors.reward.collect_scored`), in a fixed order: (question, index)."""
         samples, scores = collect_scored(self.fleet, self.reward, lambda s: self.train_set[s.question_index],
-                                         expected, self.cfg.rollout.call_timeout_s, self.cfg.cluster.call_timeout_s)
+                                         expected, self.cfg.rollout.call_timeout_s, self.cfg.cluster.call_timeout_s,
+                                         max_resends=self.cfg.reward.max_actor_restarts, stats=self.reward_stats)
         order = sorted(range(len(samples)), key=lambda i: (samples[i].question_index, samples[i].index))
         return [samples[i] for i in order], [scores[i] for i in order]
 
@@ -283,15 +293,26 @@ class RLTrainer:
     # ---------------------------------------------------------------- checkpoints
     def save(self) -> Path:
         """Learner state (DeepSpeed, optimizer, RNG, data position) and the policy as an HF
-        directory from the export the last sync made (``LearnerWorker.export_weights``)."""
-        path = self.run_dir / "checkpoints" / f"step-{self.state.step:06d}"
-        self.learners.run(LearnerWorker.save_checkpoint, str(path), {"train_state": self.state.to_json()})
-        self.learners.run(LearnerWorker.save_policy, str(path / "policy"))   # what `reft eval` loads
-        dump_yaml(self.cfg, path / "config.yaml")
-        (self.run_dir / "checkpoints" / "latest").write_text(path.name)
+        directory from the export the last sync made (``LearnerWorker.export_weights``).
+
+        Atomic: written under a temporary name (``step-N.tmp-<pid>``), renamed into place when
+        complete, and only then named by the ``latest`` marker, itself replaced atomically. A run
+        that stops anywhere in here (its driver killed) leaves the last good checkpoint and its
+        marker as they were; ``latest_checkpoint`` ignores the leftover."""
+        root = self.run_dir / "checkpoints"
+        path = root / f"step-{self.state.step:06d}"
+        tmp = root / f"{path.name}{PARTIAL}{os.getpid()}"
+        tmp.mkdir(parents=True)
+        self.learners.run(LearnerWorker.save_checkpoint, str(tmp), {"train_state": self.state.to_json()})
+        self.learners.run(LearnerWorker.save_policy, str(tmp / "policy"))   # what `reft eval` loads
+        dump_yaml(self.cfg, tmp / "config.yaml")
         # Proof that a checkpoint reuses the sync's export: one export per published version.
         exports = self.learners.run(LearnerWorker.stats)[0]["exports"]
         self.metrics.write(self.state.step, {"learner/exports": float(exports), "learner/versions": float(self.state.version)})
+        if path.exists():   # this step's checkpoint from a run that stopped before naming it latest
+            shutil.rmtree(path)
+        tmp.rename(path)
+        write_atomically(root / LATEST, path.name)
         return path
 
     def load(self, path: Path) -> None:
@@ -299,27 +320,50 @@ class RLTrainer:
         self.state = TrainState(**client["train_state"])
         self.fleet.push(self.learners.run(LearnerWorker.publish_weights, self.state.version)[0])
 
+    def forget_after(self, step: int) -> list[dict]:
+        """The run continues after ``step`` (a checkpoint's; -1 = from the start): drop what an
+        earlier run recorded past it (metrics, samples), which the steps to come write again, so
+        that nothing is counted twice. Returns the evaluations kept (the run's history so far)."""
+        kept = self.metrics.drop_after(step)
+        remove_partial_checkpoints(self.run_dir)
+        samples = self.run_dir / "rl" / SAMPLES_FILE
+        if samples.exists():   # its "step" is the batch's index: batch k is the one step k + 1 trains on
+            lines = [line for line in samples.read_text(encoding="utf-8").splitlines(keepends=True)
+                     if json.loads(line)["step"] < step]
+            write_atomically(samples, "".join(lines))
+        return [{k: v for k, v in r.items() if k != "time"} for r in kept if "eval/test_accuracy" in r]
+
     def close(self) -> None:
         self.metrics.close()
         self._stop_actors()
 
     def _stop_actors(self) -> None:
+        """Stop every actor and free its name, each whatever became of the others: after a fault
+        some are dead or stuck (a learner group missing a rank fails its last call), and one
+        failure must not leave the rest holding their names for the next run (``--resume`` in the
+        same Ray cluster). Each failure to stop one is logged."""
         import ray
-        try:
-            if self.fleet is not None:
-                self.fleet.shutdown()
-            if self.learners is not None:
-                try:
-                    self.learners.run(LearnerWorker.close_weight_sync)   # its /dev/shm directory
-                finally:
-                    self.learners.kill()
-            if self.reward is not None:
-                try:
-                    ray.get(self.reward.close.remote(), timeout=30)   # stops its sandbox workers
-                finally:
-                    ray.kill(self.reward)
-        finally:
-            self.placement.remove()
+
+        def stop_reward():
+            try:
+                ray.get(self.reward.close.remote(), timeout=30)   # stops its sandbox workers
+            finally:
+                ray.kill(self.reward, no_restart=True)
+        stops = []
+        if self.fleet is not None:
+            stops.append(("rollout fleet", self.fleet.shutdown))
+        if self.learners is not None:
+            stops += [("weight publisher of learner rank 0",   # its /dev/shm directory; the others hold none
+                       lambda: self.learners.run_rank(0, LearnerWorker.close_weight_sync)),
+                      ("learner group", self.learners.kill)]
+        if self.reward is not None:
+            stops.append(("reward actor", stop_reward))
+        stops.append(("placement group", self.placement.remove))
+        for what, stop in stops:
+            try:
+                stop()
+            except Exception as e:   # noqa: BLE001 (the next ones must still run)
+                logger.warning("stopping the %s failed: %s: %s", what, type(e).__name__, (str(e).splitlines() or [""])[0])
 
 
 RAY_KEYS = ("rl/reward_mean", "rl/train_accuracy", "rl/kl", "learner/entropy", "learner/clipfrac",
@@ -347,12 +391,14 @@ def total_steps(cfg: RunConfig, n_train: int) -> int:
 def run_rl(cfg: RunConfig, warmup: str, run_dir: Path, train: list[Example], test: list[Example],
            learn: Callable[[RLTrainer], Learn], resume: Optional[Path] = None) -> list[dict]:
     """The RL loop; returns the evaluation records. Ends after rl.epochs, or after the step
-    whose training time crosses rl.max_seconds."""
+    whose training time crosses rl.max_seconds. A run that fails logs where it stopped and how to
+    continue it (at once, before its actors are stopped), then the error goes on up."""
     trainer = RLTrainer(cfg, warmup, run_dir, train, test, learn)
-    history = []
     try:
         if resume is not None:
             trainer.load(resume)
+            logger.info("rl: resumed from %s (step %d)", resume, trainer.state.step, extra=CONSOLE)
+        history = trainer.forget_after(trainer.state.step if resume is not None else -1)
         steps, budget = trainer.total_steps, cfg.rl.max_seconds
         if trainer.state.step == 0:
             history.append({"step": 0, **trainer.evaluate_and_log()})
@@ -374,11 +420,31 @@ def run_rl(cfg: RunConfig, warmup: str, run_dir: Path, train: list[Example], tes
                     break
         finally:
             bar.close()
+    except Exception as e:
+        last = latest_checkpoint(run_dir)
+        logger.error("rl stopped after step %d: %s: %s | `reft train --resume %s` continues from %s",
+                     trainer.state.step, type(e).__name__, e, run_dir, last.name if last else "the warm-up")
+        raise
     finally:
         trainer.close()
     return history
 
 
+LATEST = "latest"      # <run_dir>/checkpoints/latest: the name of the last complete checkpoint
+
+
 def latest_checkpoint(run_dir: Path) -> Optional[Path]:
-    marker = run_dir / "checkpoints" / "latest"
+    """The last complete checkpoint (the ``latest`` marker names only complete ones), or None."""
+    marker = run_dir / "checkpoints" / LATEST
     return run_dir / "checkpoints" / marker.read_text().strip() if marker.exists() else None
+
+
+def remove_partial_checkpoints(run_dir: Path) -> None:
+    """Remove what a run stopped while writing a checkpoint left (``step-N.tmp-<pid>``, ``latest.tmp-<pid>``),
+    saying so."""
+    for leftover in sorted((run_dir / "checkpoints").glob(f"*{PARTIAL}*")):
+        logger.warning("removing %s: a checkpoint a stopped run did not finish writing", leftover)
+        if leftover.is_dir():
+            shutil.rmtree(leftover)
+        else:
+            leftover.unlink()

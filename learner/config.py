@@ -54,6 +54,14 @@ class LearnerConfig:
     """torch.distributed backend: "auto" = nccl if CUDA is available, else gloo. Only this key
     changes between the CPU and the GPU runs."""
 
+    collective_timeout_s: float = 1800.0
+    """Timeout of every collective of the ranks' process group (all-reduce, ZeRO gathers,
+    barriers; gloo and NCCL alike): a rank left waiting for a dead or hung peer raises after it
+    instead of waiting forever. 30 min (torch's default for gloo; DeepSpeed's own is 10): the
+    longest legitimate wait of a 7B run is a rank at the barrier after a checkpoint while rank 0
+    still writes its tens of GB to shared storage. The driver's wait for a learner call,
+    cluster.call_timeout_s, is as long."""
+
     lr: float = 3e-6
     """AdamW learning rate. 3e-6 is the paper's value for its small models (Galactica-125M etc.);
     use 3e-7 for 7B models (the paper's ``_template.sh``)."""
@@ -155,7 +163,7 @@ class LearnerConfig:
                 fail(key, f"one of {list(allowed)}")
         if self.zero_stage not in (0, 1, 2, 3):
             fail("zero_stage", "0..3")
-        for key in ("lr", "adam_eps", "clip_eps", "vf_clip_eps"):
+        for key in ("lr", "adam_eps", "clip_eps", "vf_clip_eps", "collective_timeout_s"):
             if not getattr(self, key) > 0:
                 fail(key, "> 0")
         for key in ("weight_decay", "grad_clip", "vf_coef"):

@@ -11,6 +11,7 @@ schedulers are replaced by a ``LambdaLR`` whose rule is a pure function (``lr_mu
 """
 from __future__ import annotations
 
+import datetime
 import importlib
 import logging
 import math
@@ -56,8 +57,10 @@ def local_device() -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(backend: str) -> None:
-    """Join the process group described by MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK.
+def init_distributed(backend: str, timeout_s: float = 1800.0) -> None:
+    """Join the process group described by MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK; every
+    collective of the group (and the rendezvous itself) fails after ``timeout_s`` instead of
+    waiting forever for a rank that died or hangs (``learner.collective_timeout_s``).
 
     DeepSpeed's ``TorchBackend`` first builds a shared-memory all-reduce C++ op for CPU tensors
     (``deepspeed.comm.torch.build_shm_op``), ~100 s of compiling on 2 cores. It is only a fast
@@ -69,7 +72,7 @@ def init_distributed(backend: str) -> None:
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     if backend == "nccl":
         torch.cuda.set_device(local_device())
-    deepspeed.init_distributed(dist_backend=backend)
+    deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
 
 
 def lr_multiplier(cfg: LearnerConfig, step: int) -> float:

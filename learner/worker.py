@@ -37,12 +37,12 @@ import time
 from pathlib import Path
 from typing import NamedTuple, Optional
 
-import ray
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from actors.naming import where
 from actors.weight_sync import WeightHandle, WeightSync, make_weight_sync
 from formats.hf import save_hf_checkpoint
 from learner.algos import (
@@ -144,11 +144,6 @@ def busy(method):
     return timed
 
 
-def node_ip() -> str:
-    """This node's IP as Ray knows it (reachable by the other nodes), or loopback outside Ray."""
-    return ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
-
-
 def find_free_port() -> int:
     """A TCP port free on this node now (the OS picks it; a race with another process grabbing it
     before the rendezvous binds is possible but rare)."""
@@ -165,7 +160,7 @@ def set_rendezvous(rank: int, world_size: int, master_addr: Optional[str],
     if master_addr is None:
         if rank != 0:
             raise ValueError(f"rank {rank} needs master_addr/master_port from rank 0")
-        master_addr, master_port = node_ip(), find_free_port()
+        master_addr, master_port = where()["ip"], find_free_port()   # as Ray knows the node: reachable by the others
     os.environ.update(
         MASTER_ADDR=master_addr,
         MASTER_PORT=str(master_port),
@@ -207,6 +202,10 @@ class LearnerWorker:
     def get_master_addr_port(self) -> tuple[str, int]:
         return self.master_addr, self.master_port
 
+    def node(self) -> dict:
+        """Where this rank runs: Ray node id, IP, process id (errors about the rank name them)."""
+        return where()
+
     def setup(self) -> float:
         """Join the process group and build the engine (collective: all ranks at once). Returns the
         seconds it took."""
@@ -214,7 +213,7 @@ class LearnerWorker:
         if self.cfg.num_threads:
             torch.set_num_threads(self.cfg.num_threads)
         seed_everything(self.cfg.seed + self.rank)
-        init_distributed(resolve_backend(self.cfg.backend))
+        init_distributed(resolve_backend(self.cfg.backend), self.cfg.collective_timeout_s)
         self.engine = Engine(self.cfg)
         seconds = time.perf_counter() - start
         logger.info("rank %d/%d: engine ready in %.1f s on %s", self.rank, self.world_size, seconds,

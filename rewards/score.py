@@ -48,6 +48,11 @@ class RewardConfig:
     program_timeout_s: float = SandboxLimits.timeout_s   # paper's code: 10 s per program
     program_memory_mb: int = SandboxLimits.memory_mb     # far above what a word problem needs; stops memory bombs
     sandbox_workers: Optional[int] = None  # None = one per CPU core
+    max_actor_restarts: int = 3
+    """How often Ray restarts the reward actor (``actors.reward``) after its process died (killed,
+    out of memory, its node lost) in one run; the driver sends the samples whose scores were lost
+    with it again. Programs cannot kill it (they run in the sandbox), so more deaths than this
+    are the host's doing, repeated: the run stops, naming the actor and its node."""
     rule: str = "paper"
     """How answers are extracted and compared: "paper" (the official code's rule, exactly) or
     "lenient" (module docstring). Default "paper": it is what the paper trained and evaluated
@@ -64,6 +69,8 @@ class RewardConfig:
             raise ValueError(f"reward.partial_reward must be in [0, correct_reward], got {self.partial_reward}")
         if self.program_timeout_s <= 0:
             raise ValueError(f"reward.program_timeout_s must be > 0, got {self.program_timeout_s}")
+        if self.max_actor_restarts < 0:
+            raise ValueError(f"reward.max_actor_restarts must be >= 0, got {self.max_actor_restarts}")
 
     @property
     def sandbox_limits(self) -> SandboxLimits:

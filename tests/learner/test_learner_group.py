@@ -131,7 +131,8 @@ def test_two_ranks_zero2_equal_one_rank_and_actors_are_named(one_rank_reference,
         assert diff <= PARAM_ATOL
 
         left_padded = dict(batch, attention_mask=batch["attention_mask"].flip(1))
-        with pytest.raises(RuntimeError, match=r"(?s)reft/learner-\d\.score failed: .*right-padded"):
+        failed = r"(?s)reft/learner-\d \(rank \d of 2, node \w{12} \([\d.]+\), pid \d+\) failed in score: .*right-padded"
+        with pytest.raises(RuntimeError, match=failed):
             group.run_sharded(LearnerWorker.score, left_padded, 1.0, False)
     finally:
         group.kill()
