@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from actors.naming import where
 from learner.config import LearnerConfig
 from learner.engine import Engine, init_distributed, resolve_backend, seed_everything
 from learner.reranker import Reranker, correct_probability, is_reranker_dir, save_reranker, two_class_loss
@@ -51,13 +52,17 @@ class RerankerWorker:
     def get_master_addr_port(self) -> tuple[str, int]:
         return self.master_addr, self.master_port
 
+    def node(self) -> dict:
+        """Where this rank runs: Ray node id, IP, process id (errors about the rank name them)."""
+        return where()
+
     def setup(self) -> float:
         """Join the process group, build the reranker and its engine (collective). Returns seconds."""
         start = time.perf_counter()
         if self.cfg.num_threads:
             torch.set_num_threads(self.cfg.num_threads)
         seed_everything(self.cfg.seed + self.rank)
-        init_distributed(resolve_backend(self.cfg.backend))
+        init_distributed(resolve_backend(self.cfg.backend), self.cfg.collective_timeout_s)
         build = Reranker.load if is_reranker_dir(self.cfg.model) else Reranker.from_checkpoint
         self.engine = Engine(self.cfg, model=build(self.cfg.model, self.cfg.dtype))
         seconds = time.perf_counter() - start
