@@ -160,8 +160,7 @@ def set_rendezvous(rank: int, world_size: int, master_addr: Optional[str],
     if master_addr is None:
         if rank != 0:
             raise ValueError(f"rank {rank} needs master_addr/master_port from rank 0")
-        # This node's IP as Ray knows it (reachable by the other nodes), or loopback outside Ray.
-        master_addr, master_port = where()["ip"], find_free_port()
+        master_addr, master_port = where()["ip"], find_free_port()   # as Ray knows the node: reachable by the others
     os.environ.update(
         MASTER_ADDR=master_addr,
         MASTER_PORT=str(master_port),
