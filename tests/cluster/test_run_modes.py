@@ -113,22 +113,38 @@ class Where:
                 "group": ray.get_runtime_context().get_placement_group_id()}
 
 
-def _free_in_bundle(group, index: int, resource: str) -> float:
+def _free_in_bundle(group, index: int, resource: str, expect: float, timeout_s: float = 20.0) -> float:
     """What is left of ``resource`` in bundle ``index`` of ``group`` (Ray accounts bundles as
-    ``{resource}_group_{index}_{group id}``; a key is absent once it is used up)."""
-    return ray.available_resources().get(f"{resource}_group_{index}_{group.id.hex()}", 0.0)
+    ``{resource}_group_{index}_{group id}``; a key is absent once it is used up), read until it is
+    ``expect`` or ``timeout_s`` passed: the GCS learns what the raylet handed out from its periodic
+    resource reports, which lag by seconds on a loaded 2-core machine (CI)."""
+    key = f"{resource}_group_{index}_{group.id.hex()}"
+    deadline = time.monotonic() + timeout_s
+    while (free := ray.available_resources().get(key, 0.0)) != expect and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return free
+
+
+def _kill(*actors):
+    """Kill the observers and wait until Ray has freed what they held (their names among it)."""
+    for actor in actors:
+        ray.kill(actor, no_restart=True)
+    for actor in actors:
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(actor.report.remote(), timeout=60)
 
 
 def test_local_gpu_learner_and_engine_share_one_gpu(ray_gpus):
     placement = place(_cfg(*LOCAL_GPU))
     try:
         assert placement.plan.colocate and placement.group is not None
-        learner = Where.options(name="learner-0", **placement.options("learner", 0)).remote()
-        engine = Where.options(name="rollout-0", **placement.options("rollout", 0)).remote()
+        learner = Where.options(**placement.options("learner", 0)).remote()
+        engine = Where.options(**placement.options("rollout", 0)).remote()
         seen = ray.get([learner.report.remote(), engine.report.remote()], timeout=60)
         assert seen[0]["gpus"] == seen[1]["gpus"] and len(seen[0]["gpus"]) == 1   # the same GPU, half each
         assert {s["group"] for s in seen} == {placement.group.id.hex()}
-        assert _free_in_bundle(placement.group, 0, "GPU") == 0.0
+        assert _free_in_bundle(placement.group, 0, "GPU", expect=0.0) == 0.0
+        _kill(learner, engine)
     finally:
         placement.remove()
     deadline = time.monotonic() + 10   # Ray reports freed resources a moment later
@@ -145,12 +161,14 @@ def test_cluster_mode_puts_each_rank_and_engine_on_its_own_gpu(ray_gpus):
         learner_1 = Where.options(**placement.options("learner", 1)).remote()
         ray.get(learner_1.report.remote(), timeout=60)
         # learner rank 1 fills bundle 1 and nothing else
-        assert [_free_in_bundle(placement.group, i, "GPU") for i in range(4)] == [1.0, 0.0, 1.0, 1.0]
+        expected = [1.0, 0.0, 1.0, 1.0]
+        assert [_free_in_bundle(placement.group, i, "GPU", expect=e) for i, e in enumerate(expected)] == expected
         others = [Where.options(**placement.options("learner", 0)).remote()] + [
             Where.options(**placement.options("rollout", i)).remote() for i in range(2)]
         seen = ray.get([a.report.remote() for a in [learner_1] + others], timeout=60)
         assert sorted(gpu for s in seen for gpu in s["gpus"]) == [0, 1, 2, 3]
         assert sorted(s["cuda_visible"] for s in seen) == ["0", "1", "2", "3"]
+        _kill(learner_1, *others)
     finally:
         placement.remove()
 
@@ -165,12 +183,14 @@ def test_the_real_learner_group_goes_into_its_bundle(ray_gpus, tmp_path):
 
     tiny_qwen2(tmp_path)
     placement = place(_cfg(*LOCAL_GPU))
+    group = None
     try:
         group = start_learners(_cfg(*LOCAL_GPU), LearnerConfig(model=str(tmp_path)), placement)
         assert group.names == ["learner-0"] and ray.get_actor("learner-0", namespace="reft")
-        assert _free_in_bundle(placement.group, 0, "GPU") == 0.5   # the other half is the engine's
-        group.kill()
+        assert _free_in_bundle(placement.group, 0, "GPU", expect=0.5) == 0.5   # the other half is the engine's
     finally:
+        if group is not None:
+            group.kill()
         placement.remove()
 
 
