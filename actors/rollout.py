@@ -66,6 +66,7 @@ from actors.weight_sync import (
     WeightSyncError,
     make_weight_sync,
 )
+from formats.hf import decode_completion
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ class SampleRequest:
     temperature: float = 1.0              # the paper samples at 1.0; 0 = greedy
     top_p: float = 1.0
     max_tokens: int = 300
-    stop: tuple[str, ...] = ()            # stop strings; kept in the text (text == decode(ids))
+    stop: tuple[str, ...] = ()            # stop strings; the text ends at one's end (inside a token maybe)
     seed: Optional[int] = None            # per-request seed: a re-issued request samples the same tokens
     ignore_eos: bool = False              # decode max_tokens whatever comes (benchmarks, tests)
     question_index: Optional[int] = None  # the caller's question this request asks about (its samples carry it)
@@ -176,10 +177,15 @@ class _VllmEngine:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
+        # vLLM detokenizes every request at every step (and every logprob's token) unless told not
+        # to: a sixth of a decode step of a small model on CPU. Only stop strings need the text
+        # while sampling; otherwise it is decoded once, at the end, as vLLM would have decoded it.
+        detokenize = bool(request.stop)
         params = SamplingParams(
             n=request.n, temperature=request.temperature, top_p=request.top_p, max_tokens=request.max_tokens,
             stop=list(request.stop) or None, include_stop_str_in_output=True, seed=request.seed,
             ignore_eos=request.ignore_eos, logprobs=0,   # 0 = only the sampled token's logprob
+            detokenize=detokenize, flat_logprobs=True,   # flat: a few lists, not a dict per token
             output_kind=RequestOutputKind.FINAL_ONLY)
         prompt = request.prompt if isinstance(request.prompt, str) else {"prompt_token_ids": list(request.prompt)}
         final = None
@@ -187,12 +193,14 @@ class _VllmEngine:
             final = output
         if final is None or not final.finished:
             raise RuntimeError(f"vLLM ended request {request.request_id!r} without a final output")
+        prompt_ids = tuple(final.prompt_token_ids)
         completions = []
         for out in sorted(final.outputs, key=lambda o: o.index):
             ids = tuple(out.token_ids)
-            logprobs = tuple(float(step[token].logprob) for step, token in zip(out.logprobs, ids))
-            completions.append(_Completion(ids, out.text, logprobs, out.finish_reason or "abort"))
-        return tuple(final.prompt_token_ids), completions
+            text = out.text if detokenize else decode_completion(self.llm.get_tokenizer(), prompt_ids, ids)
+            completions.append(_Completion(ids, text, _sampled_logprobs(out.logprobs, ids),
+                                           out.finish_reason or "abort"))
+        return prompt_ids, completions
 
     async def greedy(self, prompt_token_ids: Sequence[int], max_tokens: int) -> tuple[list[int], list[float]]:
         """The weight-sync probe: greedy tokens and their logprobs, EOS ignored, not detokenized."""
@@ -200,13 +208,13 @@ class _VllmEngine:
         from vllm.sampling_params import RequestOutputKind
 
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=0,
-                                detokenize=False, output_kind=RequestOutputKind.FINAL_ONLY)
+                                detokenize=False, flat_logprobs=True, output_kind=RequestOutputKind.FINAL_ONLY)
         final = None
         async for output in self.llm.generate({"prompt_token_ids": list(prompt_token_ids)}, params,
                                               request_id=f"probe-{uuid.uuid4().hex}"):
             final = output
         out = final.outputs[0]
-        return list(out.token_ids), [float(step[t].logprob) for step, t in zip(out.logprobs, out.token_ids)]
+        return list(out.token_ids), list(_sampled_logprobs(out.logprobs, out.token_ids))
 
     async def load_from_dir(self, path: str, timeout_s: float) -> None:
         # vLLM's in-place reload (layerwise: re-runs the CPU backend's repacking) from the
@@ -233,6 +241,16 @@ class _VllmEngine:
 
     def shutdown(self) -> None:
         self.llm.shutdown()
+
+
+def _sampled_logprobs(flat, token_ids: Sequence[int]) -> tuple[float, ...]:
+    """Each sampled token's logprob from vLLM's ``FlatLogprobs`` (``logprobs=0``: one entry per
+    position, the sampled token's)."""
+    starts = flat.start_indices
+    if len(starts) != len(token_ids) or any(flat.token_ids[i] != t for i, t in zip(starts, token_ids)):
+        raise RuntimeError(f"vLLM returned logprobs for {len(starts)} positions that do not match the "
+                           f"{len(token_ids)} sampled tokens")
+    return tuple(float(flat.logprobs[i]) for i in starts)
 
 
 class _HFEngine:
@@ -289,7 +307,7 @@ class _HFEngine:
                     break
                 out = self.model(input_ids=torch.tensor([[token]]), past_key_values=out.past_key_values,
                                  use_cache=True)
-        return _Completion(tuple(ids), self.tokenizer.decode(ids, skip_special_tokens=True), tuple(logprobs), finish)
+        return _Completion(tuple(ids), decode_completion(self.tokenizer, prompt, ids), tuple(logprobs), finish)
 
     async def greedy(self, prompt_token_ids, max_tokens):
         request = SampleRequest("probe", tuple(prompt_token_ids), temperature=0.0, max_tokens=max_tokens,

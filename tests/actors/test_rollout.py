@@ -174,6 +174,31 @@ def test_sampled_logprobs_equal_hf_recomputation(fleet, policy, examples, tokeni
     assert samples[0].completion_token_ids != samples[1].completion_token_ids
 
 
+@pytest.mark.slow
+def test_stop_strings_end_the_text_and_it_reads_as_the_sampler_decodes_it(fleet, examples, tokenizer):
+    # With stop strings vLLM detokenizes while it samples; without, the actor decodes once at the
+    # end. Same seeds, so the same tokens up to the stop: both texts must agree.
+    texts = prompts(examples[::5], 3)
+    plain = fleet.generate([SampleRequest(f"nostop-{i}", t, temperature=1.0, max_tokens=40, seed=i)
+                            for i, t in enumerate(texts)], timeout_s=120)
+    # A stop string the first completion reaches half-way, whatever the (untrained) policy writes.
+    words = plain[0].completion_text.split()
+    assert len(words) >= 2, plain[0].completion_text
+    stop = words[len(words) // 2]
+    stopped = fleet.generate([SampleRequest(f"stop-{i}", t, temperature=1.0, max_tokens=40, seed=i, stop=(stop,))
+                              for i, t in enumerate(texts)], timeout_s=120)
+    for p, s in zip(plain, stopped):
+        assert p.completion_text == tokenizer.decode(p.completion_token_ids, skip_special_tokens=True)
+        # vLLM ends the text at the stop string's end, which may fall inside the last token.
+        assert tokenizer.decode(s.completion_token_ids, skip_special_tokens=True).startswith(s.completion_text)
+        if stop in p.completion_text:
+            cut = p.completion_text.index(stop) + len(stop)
+            assert s.finish_reason == "stop" and s.completion_text == p.completion_text[:cut]
+            assert s.completion_token_ids == p.completion_token_ids[:len(s.completion_token_ids)]
+        else:
+            assert s.completion_token_ids == p.completion_token_ids
+
+
 # ------------------------------------------------------------------------------------ (2)
 
 
