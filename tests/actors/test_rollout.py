@@ -449,3 +449,51 @@ def test_sample_request_validates_and_normalises():
         SampleRequest("x", "hi", top_p=0)
     with pytest.raises(ValueError, match="empty prompt"):
         SampleRequest("x", "")
+
+
+# ------------------------------------------------------------------------------------ (7)
+
+
+@pytest.mark.slow
+def test_both_engine_cores_sample_alike_and_the_in_process_one_answers_between_steps(fleet, cfg, examples,
+                                                                                     ray_cluster):
+    """``rollout.engine_core``: the actor stepping vLLM's LLMEngine itself (CPU default) samples
+    what AsyncLLM with its engine-core process samples, for the same seeds, and answers other
+    calls while a long generation runs (the step loop yields between steps)."""
+    import time
+
+    import ray
+
+    assert {h["engine_core"] for h in fleet.health()} == {"in_process"}   # the CPU default
+    requests = [SampleRequest(f"core-{i}", text, n=2, temperature=1.0, max_tokens=24, seed=i)
+                for i, text in enumerate(prompts(examples[::3], 4))]
+    actors = {core: ray.remote(RolloutWorker).options(num_cpus=0).remote(
+                  dataclasses.replace(cfg, engine_core=core, num_actors=1), f"rollout-{core}")
+              for core in ("in_process", "own_process")}
+    try:
+        for core, actor in actors.items():
+            assert ray.get(actor.start.remote(), timeout=300)["engine_core"] == core
+        got = {core: ray.get(actor.generate.remote(requests, 120), timeout=180) for core, actor in actors.items()}
+        assert [(s.completion_token_ids, s.completion_text) for s in got["in_process"]] == \
+               [(s.completion_token_ids, s.completion_text) for s in got["own_process"]]
+        for a, b in zip(got["in_process"], got["own_process"]):
+            torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
+
+        actor = actors["in_process"]
+        long = SampleRequest("core-long", requests[0].prompt, n=4, temperature=1.0, max_tokens=300,
+                             seed=1, ignore_eos=True)
+        ray.get(actor.submit.remote([long]), timeout=30)
+        answered = []
+        while True:
+            t = time.perf_counter()
+            health = ray.get(actor.health.remote(), timeout=30)
+            answered.append(time.perf_counter() - t)
+            if health["in_flight"] == 0:
+                break
+        assert len(answered) >= 3 and max(answered[:-1]) < 1.0, answered   # answered while it decoded
+        (samples,) = [ray.get(actor.poll.remote(16, 5.0), timeout=30)]
+        assert [len(s.completion_token_ids) for s in samples] == [300] * 4
+    finally:
+        for actor in actors.values():
+            ray.get(actor.shutdown.remote(), timeout=60)
+            ray.kill(actor)
