@@ -200,7 +200,10 @@ class RLTrainer:
         indices = next_questions(state, len(self.train_set), rl.questions_per_step, cfg.seed)          # 1
         if self.prefetched != indices:            # on-policy, or the first step (nothing prefetched)
             self.fleet.submit(sample_requests(self.train_set, indices, state.step, cfg, self.tokenizer))
-        samples, scores = self.collect_and_score(len(indices) * rl.samples_per_question)            # 2, 3
+        arrivals = []             # when each chunk of samples arrived: the last one ends the generation
+        samples, scores = self.collect_and_score(len(indices) * rl.samples_per_question,               # 2, 3
+                                                 on_chunk=lambda chunk: arrivals.append(time.perf_counter()))
+        timing["timing/generate_s"] = arrivals[-1] - t0   # the rest of rollout_s is the scoring tail
         if state.step % rl.eval_every == 0:       # the first batch, then one per evaluation
             self.write_samples(samples, scores)
         self.prefetched = self.prefetch_next() if rl.max_staleness else None
@@ -269,11 +272,12 @@ class RLTrainer:
         self.fleet.submit(sample_requests(self.train_set, indices, self.state.step + 1, self.cfg, self.tokenizer))
         return indices
 
-    def collect_and_score(self, expected: int) -> tuple[list[Sample], list]:
+    def collect_and_score(self, expected: int, on_chunk=None) -> tuple[list[Sample], list]:
         """The ``expected`` samples of the submitted step and their scores (scored as they
         finish, `actors.reward.collect_scored`), in a fixed order: (question, index)."""
         samples, scores = collect_scored(self.fleet, self.reward, lambda s: self.train_set[s.question_index],
                                          expected, self.cfg.rollout.call_timeout_s, self.cfg.cluster.call_timeout_s,
+                                         on_chunk=on_chunk,
                                          max_resends=self.cfg.reward.max_actor_restarts, stats=self.reward_stats)
         order = sorted(range(len(samples)), key=lambda i: (samples[i].question_index, samples[i].index))
         return [samples[i] for i in order], [scores[i] for i in order]

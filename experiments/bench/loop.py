@@ -219,6 +219,7 @@ def run_once(args) -> dict:
         "learner_call_vs_floor": rl["learner_s"] / floor["learner_s"],
         "sft_step_vs_floor": sft["step_s"] / floor["sft_step_s"],
         "rollout_vs_hf_generate": rl["rollout_s"] / floor["hf_generate_s"],
+        "generation_vs_hf_generate": rl["generate_s"] / floor["hf_generate_s"],
     }
     return out
 
@@ -245,7 +246,10 @@ def rl_figures(steps: list[dict], busy: dict, wall: float) -> dict:
         "samples_per_s": total("samples") / wall,
         "prompt_tokens_per_s": total("prompt_tokens") / wall,
         "completion_tokens_per_s": total("completion_tokens") / wall,
-        "rollout_s": med("timing/rollout_s"), "learner_s": med("timing/learner_s"), "sync_s": med("timing/sync_s"),
+        "rollout_s": med("timing/rollout_s"),
+        # until the step's last sample arrived (older checkouts do not time it: the whole rollout)
+        "generate_s": statistics.median(s.get("timing/generate_s", s["timing/rollout_s"]) for s in steps),
+        "learner_s": med("timing/learner_s"), "sync_s": med("timing/sync_s"),
         "learner_busy_s": learner_busy, "learner_busy_pct": 100.0 * learner_busy * n / wall,
         "share_pct": {k: round(100.0 * v / wall, 1) for k, v in shares.items()},
         "reward_mean": statistics.mean(s["rl/reward_mean"] for s in steps),
@@ -302,8 +306,10 @@ def sft_steps(cfg, train, count: int) -> dict:
 def floors(cfg, recipe, warmup: str, samples, pad_id: int, train, threads: int, repeats: int) -> dict:
     """The compute floors (module docstring), each the median of ``repeats`` timed runs."""
     import torch
+    from transformers.utils import logging as hf_logging
 
     from cluster.experience import samples_to_batch
+    hf_logging.disable_progress_bar()   # a "Loading weights" bar per model load, a dozen of them
     torch.set_num_threads(threads)
     batch = samples_to_batch(samples, pad_id)
     # Either KL term needs the reference pass: ReFT's in the reward, GRPO's / RLOO's in the loss.
@@ -428,14 +434,16 @@ def describe(r: dict) -> str:
         f"RL   {rl['samples_per_s']:.1f} samples/s, {rl['step_s']:.2f} s/step over {rl['steps']} steps; tokens/s "
         f"prompt {rl['prompt_tokens_per_s']:.0f}, completion {rl['completion_tokens_per_s']:.0f}; reward "
         f"{rl['reward_mean']:.3f}",
-        f"     per step (median): rollout {rl['rollout_s']:.3f} s, learner {rl['learner_s']:.3f} s (busy inside "
+        f"     per step (median): rollout {rl['rollout_s']:.3f} s (generation {rl['generate_s']:.3f} s, the "
+        f"rest the scoring tail), learner {rl['learner_s']:.3f} s (busy inside "
         f"{rl['learner_busy_s']:.3f} s, {rl['learner_busy_pct']:.0f}% of wall), sync {rl['sync_s']:.3f} s",
         "     share of wall: " + ", ".join(f"{k} {v}%" for k, v in rl["share_pct"].items()),
         f"SFT  {sft['step_s']:.3f} s/step (busy inside {sft['busy_step_s']:.3f} s), {sft['tokens_per_s']:.0f} tokens/s",
         f"floor ({fl['threads']} threads): learner {fl['learner_s']:.3f} s, SFT step {fl['sft_step_s']:.3f} s, "
         f"HF generate {fl['hf_generate_s']:.3f} s",
         f"ratios: learner call {ra['learner_call_vs_floor']:.2f}x floor (busy {ra['learner_busy_vs_floor']:.2f}x), "
-        f"SFT {ra['sft_step_vs_floor']:.2f}x, rollout {ra['rollout_vs_hf_generate']:.2f}x HF generate",
+        f"SFT {ra['sft_step_vs_floor']:.2f}x, rollout {ra['rollout_vs_hf_generate']:.2f}x HF generate "
+        f"(generation {ra['generation_vs_hf_generate']:.2f}x)",
         "start-up s: " + ", ".join(f"{k} {v:.1f}" for k, v in r["startup_s"].items())
         + f"; SFT learner {sft['startup_s']:.1f}",
         "peak RSS MiB: " + ", ".join(f"{k} {v:.0f}" for k, v in r["peak_rss_mib"].items()),
@@ -461,12 +469,13 @@ def compare(args) -> list[dict]:
             results.append(json.loads(Path(path).read_text()))
             os.unlink(path)
     print("\n| run | samples/s | rollout s | learner s | sync s | learner/floor | SFT step s | SFT/floor | "
-          "rollout/HF |\n|---|---|---|---|---|---|---|---|---|")
+          "rollout/HF | generation/HF |\n|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         rl, sft, ra = r["rl"], r["sft"], r["ratios"]
         print(f"| {r['overrides'] or 'config'} | {rl['samples_per_s']:.1f} | {rl['rollout_s']:.3f} | "
               f"{rl['learner_s']:.3f} | {rl['sync_s']:.3f} | {ra['learner_call_vs_floor']:.2f} | {sft['step_s']:.3f} | "
-              f"{ra['sft_step_vs_floor']:.2f} | {ra['rollout_vs_hf_generate']:.2f} |")
+              f"{ra['sft_step_vs_floor']:.2f} | {ra['rollout_vs_hf_generate']:.2f} | "
+              f"{ra.get('generation_vs_hf_generate', float('nan')):.2f} |")
     return results
 
 
