@@ -127,11 +127,16 @@ def _free_in_bundle(group, index: int, resource: str, expect: float, timeout_s: 
 
 def _kill(*actors):
     """Kill the observers and wait until Ray has freed what they held (their names among it)."""
+    from ray._private import state
     for actor in actors:
         ray.kill(actor, no_restart=True)
+    # ray.kill only asks the GCS: a call sent right after it may still be answered. Dead is what
+    # the GCS's actor table says (the state API needs the dashboard, not started here).
+    deadline = time.monotonic() + 60
     for actor in actors:
-        with pytest.raises(ray.exceptions.RayActorError):
-            ray.get(actor.report.remote(), timeout=60)
+        while state.actors(actor_id=actor._actor_id.hex())["State"] != "DEAD":
+            assert time.monotonic() < deadline, f"actor {actor} not dead 60 s after ray.kill"
+            time.sleep(0.05)
 
 
 def test_local_gpu_learner_and_engine_share_one_gpu(ray_gpus):
