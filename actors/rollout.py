@@ -320,9 +320,9 @@ class _VllmInProcessEngine(_VllmEngine):
         if self._stepper is None or self._stepper.done():
             self._stepper = asyncio.get_running_loop().create_task(self._step_loop())
         future = asyncio.get_running_loop().create_future()
-        self._waiting[request_id] = future
-        async with self._lock:
-            self.llm.add_request(request_id, prompt, params)
+        async with self._lock:   # no step runs before the future is registered
+            self.llm.add_request(request_id, prompt, params)   # a bad request raises here, to its caller
+            self._waiting[request_id] = future
             self._work.set()
         try:
             return await future

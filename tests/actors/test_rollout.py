@@ -493,6 +493,15 @@ def test_both_engine_cores_sample_alike_and_the_in_process_one_answers_between_s
         assert len(answered) >= 3 and max(answered[:-1]) < 1.0, answered   # answered while it decoded
         (samples,) = [ray.get(actor.poll.remote(16, 5.0), timeout=30)]
         assert [len(s.completion_token_ids) for s in samples] == [300] * 4
+
+        # A request vLLM refuses (prompt longer than max_model_len) is answered with an error,
+        # and the engine goes on serving.
+        too_long = SampleRequest("core-too-long", tuple([5] * (cfg.max_model_len + 10)), max_tokens=4)
+        (bad,) = ray.get(actor.generate.remote([too_long], 60), timeout=90)
+        assert bad.finish_reason == "error" and bad.error
+        again = ray.get(actor.generate.remote(requests[:1], 60), timeout=90)
+        assert [s.completion_token_ids for s in again] == [s.completion_token_ids for s in got["in_process"][:2]]
+        assert ray.get(actor.health.remote(), timeout=30)["in_flight"] == 0
     finally:
         for actor in actors.values():
             ray.get(actor.shutdown.remote(), timeout=60)
