@@ -76,8 +76,8 @@ class RolloutConfig:
     """Where vLLM's engine core (scheduler + model) runs. None = "in_process" on CPU: the actor
     steps vLLM's LLMEngine itself, one process instead of two, no zmq message per decode step
     (the embedded default's rollout 0.15 -> 0.14 s a step, engine start-up 12 -> 7 s, 0.55 GiB
-    less memory: docs/measurements.md §5); "own_process" on GPU: vLLM's AsyncLLM, whose engine core schedules the next step in its
-    own process while the GPU runs this one."""
+    less memory: docs/measurements.md §5); "own_process" on GPU: vLLM's AsyncLLM, whose engine
+    core schedules the next step in its own process while the GPU runs this one."""
 
     idle_spin_s: Optional[float] = None
     """Seconds an engine's worker process busy-polls for the next step after the last one before

@@ -139,14 +139,19 @@ class _VllmEngine:
     own_process``, the default on GPU)."""
 
     kind = "vllm"
+    core = "own_process"   # rollout.engine_core
 
     def __init__(self, cfg: RolloutConfig, on_gpu: bool):
+        self.sleeps = cfg.resolved_sleep_mode(on_gpu)
+        self.llm = self._start(self._engine_kwargs(cfg, on_gpu))
+        self.block_size = self.llm.vllm_config.cache_config.block_size
+
+    @staticmethod
+    def _start(kwargs: dict):
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        self.sleeps = cfg.resolved_sleep_mode(on_gpu)
-        self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**self._engine_kwargs(cfg, on_gpu)))
-        self.block_size = self.llm.vllm_config.cache_config.block_size
+        return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
 
     def _engine_kwargs(self, cfg: RolloutConfig, on_gpu: bool) -> dict:
         kwargs = dict(
@@ -216,22 +221,23 @@ class _VllmEngine:
     def errored(self) -> bool:
         return self.llm.errored
 
+    async def _final(self, request_id: str, prompt, params):
+        """The request's final output (``RequestOutputKind.FINAL_ONLY``)."""
+        final = None
+        async for output in self.llm.generate(prompt, params, request_id=request_id):
+            final = output
+        return final
+
     async def generate(self, request: SampleRequest,
                        engine_request_id: str) -> tuple[tuple[int, ...], list[_Completion]]:
         params, detokenize = self._params(request)
         prompt = request.prompt if isinstance(request.prompt, str) else {"prompt_token_ids": list(request.prompt)}
-        final = None
-        async for output in self.llm.generate(prompt, params, request_id=engine_request_id):
-            final = output
-        return self._completions(request, final, detokenize)
+        return self._completions(request, await self._final(engine_request_id, prompt, params), detokenize)
 
     async def greedy(self, prompt_token_ids: Sequence[int], max_tokens: int) -> tuple[list[int], list[float]]:
         """The weight-sync probe: greedy tokens and their logprobs, EOS ignored, not detokenized."""
-        final = None
-        async for output in self.llm.generate({"prompt_token_ids": list(prompt_token_ids)},
-                                              self._probe_params(max_tokens),
-                                              request_id=f"probe-{uuid.uuid4().hex}"):
-            final = output
+        final = await self._final(f"probe-{uuid.uuid4().hex}", {"prompt_token_ids": list(prompt_token_ids)},
+                                  self._probe_params(max_tokens))
         out = final.outputs[0]
         return list(out.token_ids), list(_sampled_logprobs(out.logprobs, out.token_ids))
 
@@ -274,19 +280,22 @@ class _VllmInProcessEngine(_VllmEngine):
     steps, and requests submitted meanwhile join the running batch. Worker RPCs (weight loads)
     run in a thread under the same lock as the steps, never beside one."""
 
-    def __init__(self, cfg: RolloutConfig, on_gpu: bool):
-        from vllm.engine.arg_utils import EngineArgs
-        from vllm.v1.engine.llm_engine import LLMEngine
+    core = "in_process"
 
-        self.sleeps = cfg.resolved_sleep_mode(on_gpu)
-        self.llm = LLMEngine.from_engine_args(EngineArgs(**self._engine_kwargs(cfg, on_gpu)),
-                                              enable_multiprocessing=False)
-        self.block_size = self.llm.vllm_config.cache_config.block_size
+    def __init__(self, cfg: RolloutConfig, on_gpu: bool):
+        super().__init__(cfg, on_gpu)
         self._waiting: dict[str, asyncio.Future] = {}   # engine request id -> its final output
         self._lock = asyncio.Lock()                     # one engine call at a time
         self._work = asyncio.Event()                    # set while requests are unfinished
         self._stepper: Optional[asyncio.Task] = None
         self._error: Optional[BaseException] = None
+
+    @staticmethod
+    def _start(kwargs: dict):
+        from vllm.engine.arg_utils import EngineArgs
+        from vllm.v1.engine.llm_engine import LLMEngine
+
+        return LLMEngine.from_engine_args(EngineArgs(**kwargs), enable_multiprocessing=False)
 
     @property
     def errored(self) -> bool:
@@ -314,7 +323,7 @@ class _VllmInProcessEngine(_VllmEngine):
                     future.set_result(output)
             await asyncio.sleep(0)   # answer the actor's other calls between steps
 
-    async def _submit(self, request_id: str, prompt, params):
+    async def _final(self, request_id: str, prompt, params):
         if self._error is not None:
             raise RuntimeError(f"the vLLM engine failed earlier: {self._error!r}")
         if self._stepper is None or self._stepper.done():
@@ -331,17 +340,6 @@ class _VllmInProcessEngine(_VllmEngine):
             if self._error is None:
                 self.llm.abort_request([request_id])
             raise
-
-    async def generate(self, request, engine_request_id):
-        params, detokenize = self._params(request)
-        prompt = request.prompt if isinstance(request.prompt, str) else {"prompt_token_ids": list(request.prompt)}
-        return self._completions(request, await self._submit(engine_request_id, prompt, params), detokenize)
-
-    async def greedy(self, prompt_token_ids, max_tokens):
-        final = await self._submit(f"probe-{uuid.uuid4().hex}", {"prompt_token_ids": list(prompt_token_ids)},
-                                   self._probe_params(max_tokens))
-        out = final.outputs[0]
-        return list(out.token_ids), list(_sampled_logprobs(out.logprobs, out.token_ids))
 
     async def call_workers(self, method, kwargs, timeout_s):
         async with self._lock:
@@ -714,8 +712,7 @@ class RolloutWorker:
         return {
             "actor": self.name,
             "engine": self.engine.kind if self.engine else None,
-            "engine_core": ("in_process" if isinstance(self.engine, _VllmInProcessEngine) else "own_process")
-                           if isinstance(self.engine, _VllmEngine) else None,
+            "engine_core": getattr(self.engine, "core", None),   # the HF fallback has none
             "fallback_reason": self._fallback_reason,
             "version": self._version,
             "serving": self._gate.is_set(),

@@ -475,7 +475,7 @@ def compare(args) -> list[dict]:
         print(f"| {r['overrides'] or 'config'} | {rl['samples_per_s']:.1f} | {rl['rollout_s']:.3f} | "
               f"{rl['learner_s']:.3f} | {rl['sync_s']:.3f} | {ra['learner_call_vs_floor']:.2f} | {sft['step_s']:.3f} | "
               f"{ra['sft_step_vs_floor']:.2f} | {ra['rollout_vs_hf_generate']:.2f} | "
-              f"{ra.get('generation_vs_hf_generate', float('nan')):.2f} |")
+              f"{ra['generation_vs_hf_generate']:.2f} |")
     return results
 
 
