@@ -9,6 +9,7 @@ the key (``rollout.<field>``) and the value, as ``learner.config`` does.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Optional
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -95,9 +96,19 @@ class RolloutConfig:
     num_actors: int = 1
     """Rollout actors (engines) in the fleet, named rollout-0, rollout-1, ... in namespace reft."""
 
+    num_threads: Optional[int] = None
+    """torch intra-op threads of the engine's model (the actor's process with the in-process engine
+    core and the HF fallback; an engine-core process inherits it as OMP_NUM_THREADS). None = on
+    CPU, the cores this process may run on shared among ``num_actors`` (all of them for one
+    engine): on-policy, the samplers decode while the learner waits, and Ray's OMP_NUM_THREADS of a
+    fractional actor (1) left the embedded default's rollout at ~1.6x HF generate on two cores
+    (docs/measurements.md §6). On GPU None leaves vLLM's choice (one thread while serving). Set it
+    where engines spread over several CPU nodes, or decode beside a training learner
+    (``rl.max_staleness`` 1)."""
+
     num_cpus_per_actor: float = 0.5
-    """Ray CPUs reserved per actor: a scheduling share only (vLLM's CPU backend uses the node's
-    cores whatever Ray reserves). Fractional because two num_cpus=1 actors fill a 2-CPU node and
+    """Ray CPUs reserved per actor: a scheduling share only (the engine's threads are
+    ``num_threads``, whatever Ray reserves). Fractional because two num_cpus=1 actors fill a 2-CPU node and
     the next actor waits forever without an error (docs/measurements.md §2)."""
 
     num_gpus_per_actor: Optional[float] = None
@@ -192,6 +203,7 @@ class RolloutConfig:
         check(self.executor in EXECUTORS, "executor", f"must be one of {EXECUTORS}")
         check(self.engine_core in ENGINE_CORES, "engine_core", f"must be one of {ENGINE_CORES}")
         check(self.num_actors >= 1, "num_actors", "must be >= 1")
+        check(self.num_threads is None or self.num_threads >= 1, "num_threads", "must be >= 1 or None")
         check(self.num_cpus_per_actor >= 0, "num_cpus_per_actor", "must be >= 0")
         check(self.num_gpus_per_actor is None or self.num_gpus_per_actor >= 0, "num_gpus_per_actor",
               "must be >= 0 or None")
@@ -232,6 +244,12 @@ class RolloutConfig:
         if self.idle_spin_s is not None:
             return self.idle_spin_s
         return None if on_gpu else 0.01
+
+    def resolved_num_threads(self, on_gpu: bool) -> Optional[int]:
+        """The engine's torch threads; None = leave them as they are (vLLM's on GPU)."""
+        if self.num_threads is not None:
+            return self.num_threads
+        return None if on_gpu else max(1, len(os.sched_getaffinity(0)) // self.num_actors)
 
     def resolved_chunked_prefill(self, on_gpu: bool) -> bool:
         return on_gpu if self.enable_chunked_prefill is None else self.enable_chunked_prefill

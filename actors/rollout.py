@@ -45,11 +45,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import dataclasses
 import logging
 import os
 import shutil
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -251,6 +251,11 @@ class _VllmEngine:
     async def call_workers(self, method: str, kwargs: dict, timeout_s: float) -> list:
         return await self.llm.collective_rpc(method, timeout=timeout_s, kwargs=kwargs)
 
+    async def run_blocking(self, fn, *args):
+        """The weight sync's CPU work (checksums, file writes): in a thread, so that the actor
+        keeps answering; the model runs in the engine core's process, not this one."""
+        return await asyncio.to_thread(fn, *args)
+
     async def reset_prefix_cache(self) -> None:
         if not await self.llm.reset_prefix_cache():
             raise WeightSyncError("vLLM refused to reset its prefix cache (requests still running?)")
@@ -277,18 +282,25 @@ class _VllmInProcessEngine(_VllmEngine):
     are unfinished and hands each finished request to the coroutine that awaits it. A step is a
     synchronous call (one batched forward, ~3 ms for the tiny model on CPU); the loop yields to
     the event loop between steps, so submits, polls and health calls are answered between
-    steps, and requests submitted meanwhile join the running batch. Worker RPCs (weight loads)
-    run in a thread under the same lock as the steps, never beside one."""
+    steps, and requests submitted meanwhile join the running batch.
+
+    Everything that runs the model's torch code runs on that one thread, the event loop's:
+    steps, worker RPCs (weight loads) and the weight sync's checksums (``run_blocking``). torch's
+    OpenMP work started from a second thread (``asyncio.to_thread``) left every later decode step
+    ~1.5x slower (docs/measurements.md §6). The cost: while a weight load runs (the samplers
+    are drained for it anyway) the actor answers no call; a load must fit in the fleet's poll
+    deadline (``rollout.call_timeout_s``), which a CPU-sized model does by far. Nothing here
+    awaits in the middle of an engine call, so no two of them interleave."""
 
     core = "in_process"
 
     def __init__(self, cfg: RolloutConfig, on_gpu: bool):
         super().__init__(cfg, on_gpu)
         self._waiting: dict[str, asyncio.Future] = {}   # engine request id -> its final output
-        self._lock = asyncio.Lock()                     # one engine call at a time
         self._work = asyncio.Event()                    # set while requests are unfinished
         self._stepper: Optional[asyncio.Task] = None
         self._error: Optional[BaseException] = None
+        self.stats = collections.Counter()              # engine_steps, engine_step_s (health)
 
     @staticmethod
     def _start(kwargs: dict):
@@ -304,19 +316,20 @@ class _VllmInProcessEngine(_VllmEngine):
     async def _step_loop(self) -> None:
         while True:
             await self._work.wait()
-            async with self._lock:
-                try:
-                    outputs = self.llm.step()
-                except Exception as e:  # noqa: BLE001 -- the engine is broken: every waiter learns why
-                    self._error = e
-                    logger.error("vLLM engine step failed: %r", e)
-                    for future in self._waiting.values():
-                        if not future.done():
-                            future.set_exception(RuntimeError(f"vLLM engine step failed: {e!r}"))
-                    self._waiting.clear()
-                    return
-                if not self.llm.has_unfinished_requests():
-                    self._work.clear()
+            try:
+                start = time.perf_counter()
+                outputs = self.llm.step()
+                self.stats.update(engine_steps=1, engine_step_s=time.perf_counter() - start)
+            except Exception as e:  # noqa: BLE001 -- the engine is broken: every waiter learns why
+                self._error = e
+                logger.error("vLLM engine step failed: %r", e)
+                for future in self._waiting.values():
+                    if not future.done():
+                        future.set_exception(RuntimeError(f"vLLM engine step failed: {e!r}"))
+                self._waiting.clear()
+                return
+            if not self.llm.has_unfinished_requests():
+                self._work.clear()
             for output in outputs:
                 future = self._waiting.pop(output.request_id, None) if output.finished else None
                 if future is not None and not future.done():
@@ -329,10 +342,9 @@ class _VllmInProcessEngine(_VllmEngine):
         if self._stepper is None or self._stepper.done():
             self._stepper = asyncio.get_running_loop().create_task(self._step_loop())
         future = asyncio.get_running_loop().create_future()
-        async with self._lock:   # no step runs before the future is registered
-            self.llm.add_request(request_id, prompt, params)   # a bad request raises here, to its caller
-            self._waiting[request_id] = future
-            self._work.set()
+        self.llm.add_request(request_id, prompt, params)   # a bad request raises here, to its caller
+        self._waiting[request_id] = future
+        self._work.set()
         try:
             return await future
         except asyncio.CancelledError:   # the actor dropped the request: free its KV blocks
@@ -341,23 +353,21 @@ class _VllmInProcessEngine(_VllmEngine):
                 self.llm.abort_request([request_id])
             raise
 
+    async def run_blocking(self, fn, *args):
+        return fn(*args)   # on the engine's thread (class docstring)
+
     async def call_workers(self, method, kwargs, timeout_s):
-        async with self._lock:
-            return await asyncio.to_thread(self.llm.collective_rpc, method, timeout_s, (), kwargs)
+        return self.llm.collective_rpc(method, timeout_s, (), kwargs)
 
     async def reset_prefix_cache(self) -> None:
-        async with self._lock:
-            ok = self.llm.reset_prefix_cache()
-        if not ok:
+        if not self.llm.reset_prefix_cache():
             raise WeightSyncError("vLLM refused to reset its prefix cache (requests still running?)")
 
     async def sleep(self) -> None:
-        async with self._lock:
-            self.llm.sleep(level=1)
+        self.llm.sleep(level=1)
 
     async def wake_up(self) -> None:
-        async with self._lock:
-            self.llm.wake_up()
+        self.llm.wake_up()
 
     def shutdown(self) -> None:
         if self._stepper is not None:
@@ -376,8 +386,9 @@ def _sampled_logprobs(flat, token_ids: Sequence[int]) -> tuple[float, ...]:
 
 
 class _HFEngine:
-    """The fallback where vLLM cannot be imported: transformers, one sequence at a time, in a
-    thread so the actor keeps answering polls. Same sample semantics as the vLLM engine
+    """The fallback where vLLM cannot be imported: transformers, one sequence at a time, on one
+    thread of its own (all of its torch work: generation, loads, the sync's checksums) so that
+    the actor keeps answering polls. Same sample semantics as the vLLM engine
     (temperature, top-p, processed logprobs, stop strings kept in the text)."""
 
     kind = "hf-fallback"
@@ -390,11 +401,16 @@ class _HFEngine:
         self.model = load_causal_lm(cfg.model, "fp32").eval()
         self.tokenizer = load_tokenizer(cfg.model)
         self.eos = self.tokenizer.eos_token_id
-        self._lock = threading.Lock()   # one generation at a time: the CPU is saturated anyway
+        # One thread: one generation at a time (the CPU is saturated anyway), and torch's OpenMP
+        # work always started from the same thread (_VllmInProcessEngine's docstring).
+        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hf-engine")
         self.errored = False
 
+    async def run_blocking(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
     async def generate(self, request: SampleRequest, engine_request_id: str):
-        return await asyncio.to_thread(self._generate, request)
+        return await self.run_blocking(self._generate, request)
 
     def _generate(self, request: SampleRequest):
         prompt = (self.tokenizer.encode(request.prompt, add_special_tokens=False)
@@ -406,48 +422,46 @@ class _HFEngine:
     @torch.no_grad()
     def _sample(self, prompt: list[int], request: SampleRequest, generator: torch.Generator) -> _Completion:
         ids, logprobs, finish = [], [], "length"
-        with self._lock:
-            out = self.model(input_ids=torch.tensor([prompt]), use_cache=True)
-            for _ in range(request.max_tokens):
-                logits = out.logits[0, -1].float()
-                if request.temperature == 0:
-                    token = int(logits.argmax())
-                    logprob = float(torch.log_softmax(logits, -1)[token])
-                else:
-                    logits = _top_p_filter(logits / request.temperature, request.top_p)
-                    lp = torch.log_softmax(logits, -1)
-                    token = int(torch.multinomial(lp.exp(), 1, generator=generator))
-                    logprob = float(lp[token])
-                ids.append(token)
-                logprobs.append(logprob)
-                if token == self.eos and not request.ignore_eos:
-                    finish = "stop"
-                    break
-                text = self.tokenizer.decode(ids, skip_special_tokens=True)
-                if any(s in text for s in request.stop):
-                    finish = "stop"
-                    break
-                out = self.model(input_ids=torch.tensor([[token]]), past_key_values=out.past_key_values,
-                                 use_cache=True)
+        out = self.model(input_ids=torch.tensor([prompt]), use_cache=True)
+        for _ in range(request.max_tokens):
+            logits = out.logits[0, -1].float()
+            if request.temperature == 0:
+                token = int(logits.argmax())
+                logprob = float(torch.log_softmax(logits, -1)[token])
+            else:
+                logits = _top_p_filter(logits / request.temperature, request.top_p)
+                lp = torch.log_softmax(logits, -1)
+                token = int(torch.multinomial(lp.exp(), 1, generator=generator))
+                logprob = float(lp[token])
+            ids.append(token)
+            logprobs.append(logprob)
+            if token == self.eos and not request.ignore_eos:
+                finish = "stop"
+                break
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            if any(s in text for s in request.stop):
+                finish = "stop"
+                break
+            out = self.model(input_ids=torch.tensor([[token]]), past_key_values=out.past_key_values,
+                             use_cache=True)
         return _Completion(tuple(ids), decode_completion(self.tokenizer, prompt, ids), tuple(logprobs), finish)
 
     async def greedy(self, prompt_token_ids, max_tokens):
         request = SampleRequest("probe", tuple(prompt_token_ids), temperature=0.0, max_tokens=max_tokens,
                                 ignore_eos=True)
-        c = await asyncio.to_thread(self._sample, list(prompt_token_ids), request, torch.Generator())
+        c = await self.run_blocking(self._sample, list(prompt_token_ids), request, torch.Generator())
         return list(c.token_ids), list(c.logprobs)
 
     async def load_from_dir(self, path: str, timeout_s: float) -> None:
         from safetensors.torch import load_file
 
         def load():
-            with self._lock:
-                result = self.model.load_state_dict(load_file(str(Path(path) / WEIGHTS_FILE)), strict=False)
-                tied = {"lm_head.weight"} if self.model.config.tie_word_embeddings else set()
-                if set(result.missing_keys) - tied or result.unexpected_keys:
-                    raise WeightSyncError(f"HF fallback: weights in {path} do not fit the model: missing "
-                                          f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
-        await asyncio.wait_for(asyncio.to_thread(load), timeout_s)
+            result = self.model.load_state_dict(load_file(str(Path(path) / WEIGHTS_FILE)), strict=False)
+            tied = {"lm_head.weight"} if self.model.config.tie_word_embeddings else set()
+            if set(result.missing_keys) - tied or result.unexpected_keys:
+                raise WeightSyncError(f"HF fallback: weights in {path} do not fit the model: missing "
+                                      f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+        await asyncio.wait_for(self.run_blocking(load), timeout_s)
 
     async def call_workers(self, method, kwargs, timeout_s):
         raise WeightSyncError("the HF fallback engine has no vLLM workers: use rollout.sync=shm or object_store",
@@ -457,7 +471,7 @@ class _HFEngine:
         pass   # no cache survives a generate call
 
     def shutdown(self) -> None:
-        pass
+        self._thread.shutdown(wait=False, cancel_futures=True)
 
 
 def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -504,6 +518,12 @@ class RolloutWorker:
         if not on_gpu:
             # vLLM reads it when the engine starts; the engine's processes inherit it.
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self.cfg.kv_cache_gib)
+        threads = self.cfg.resolved_num_threads(on_gpu)
+        if threads is not None:
+            # Before the engine: vLLM's CPU worker then disables torch.set_num_threads in this
+            # process. OMP_NUM_THREADS for the engine's own processes, and so that vLLM keeps it.
+            torch.set_num_threads(threads)
+            os.environ["OMP_NUM_THREADS"] = str(threads)
         if in_process or (not on_gpu and self.cfg.resolved_executor(on_gpu) == "uni"):
             # LLMEngine starts an engine-core process unless this is 0, and vLLM's CPU platform
             # turns "uni" into "mp" unless it is 0 (AsyncLLM keeps its engine core in a process
@@ -722,8 +742,10 @@ class RolloutWorker:
             "queued": len(self._tasks) - self._in_flight,
             "outbox": sum(len(g) for g in self._outbox),
             "block_size": self.engine.block_size if self.engine else None,
+            "threads": torch.get_num_threads(),   # this process's (rollout.num_threads)
             **where(),
             **self._stats,
+            **getattr(self.engine, "stats", {}),   # the in-process engine's steps and their seconds
         }
 
     async def shutdown(self) -> None:

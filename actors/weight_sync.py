@@ -164,6 +164,10 @@ class SyncTarget(Protocol):
 
     async def greedy(self, prompt_token_ids: Sequence[int], max_tokens: int) -> tuple[list[int], list[float]]: ...
 
+    async def run_blocking(self, fn: Callable, *args) -> Any:
+        """Run CPU work of the sync (checksums) where the engine wants torch work run: on the thread
+        that runs its model when that is in this process, else in a worker thread."""
+
 
 # ----------------------------------------------------------------------------------- checksums
 
@@ -555,7 +559,7 @@ class SharedMemoryDirSync(WeightSync):
                                   "exist here (the shm transport works on one node only; use "
                                   "rollout.sync=object_store across nodes)", weights_changed=False)
         if handle.checksums is not None:   # verify the file before vLLM reads it
-            got = await asyncio.to_thread(_checksums_of_file, directory / WEIGHTS_FILE)
+            got = await engine.run_blocking(_checksums_of_file, directory / WEIGHTS_FILE)
             self._check_checksums(handle, got, who, weights_changed=False)
         await engine.load_from_dir(str(directory), self.cfg.sync_timeout_s)
 
@@ -595,7 +599,7 @@ class RayObjectStoreSync(WeightSync):
                                   f"them within {self.cfg.sync_timeout_s:.0f} s", weights_changed=False) from None
         if handle.checksums is not None:
             from safetensors.torch import load
-            got = await asyncio.to_thread(lambda: {n: tensor_checksum(t) for n, t in load(blob).items()})
+            got = await engine.run_blocking(lambda: {n: tensor_checksum(t) for n, t in load(blob).items()})
             self._check_checksums(handle, got, who, weights_changed=False)
         if self._local is None:
             self._local = self.receive_dir(self.cfg, who)

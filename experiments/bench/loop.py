@@ -175,6 +175,7 @@ def run_once(args) -> dict:
         for i in range(args.skip + args.steps):
             if i == args.skip:
                 before = trainer.learners.run(LearnerWorker.stats)[0].get("busy_s", {})
+                engine_before = engine_stats(trainer.fleet)
                 pids = actor_pids()
                 cpu_before = {name: cpu_s(pid) for name, pid in pids.items()}
                 recorder["learn"].pids = pids
@@ -198,6 +199,7 @@ def run_once(args) -> dict:
         out["cpu_pct_learner_phase"] = {name: round(100.0 * v / learn.seconds) for name, v in learn.cpu_during.items()}
         ours = cpu_s(os.getpid()) - ours_before
         out["foreign_cpu_pct"] = round(100.0 * max(0.0, machine_busy_s() - machine_before - ours) / wall)
+        engine = {k: v - engine_before[k] for k, v in engine_stats(trainer.fleet).items()}
         stats = trainer.learners.run(LearnerWorker.stats)[0]
         busy = {k: v - before.get(k, 0.0) for k, v in stats.get("busy_s", {}).items()}
         out["learner_threads"] = stats.get("threads", 1)   # (older learners: Ray's OMP_NUM_THREADS=1)
@@ -207,6 +209,10 @@ def run_once(args) -> dict:
     finally:
         trainer.close()
     out["rl"] = rl_figures(steps, busy, wall)
+    if engine["engine_steps"]:   # in-process engines count their steps (others report none)
+        out["rl"]["engine_steps_per_step"] = engine["engine_steps"] / len(steps)
+        out["rl"]["engine_step_ms"] = 1000.0 * engine["engine_step_s"] / engine["engine_steps"]
+        out["rl"]["engine_busy_s"] = engine["engine_step_s"] / len(steps)
 
     out["sft"] = sft_steps(cfg, train, args.sft_steps)
     ray.shutdown()
@@ -222,6 +228,12 @@ def run_once(args) -> dict:
         "generation_vs_hf_generate": rl["generate_s"] / floor["hf_generate_s"],
     }
     return out
+
+
+def engine_stats(fleet) -> dict:
+    """Engine steps and their seconds so far, summed over the fleet's in-process engines."""
+    health = fleet.health()
+    return {key: sum(h.get(key, 0) for h in health) for key in ("engine_steps", "engine_step_s")}
 
 
 def rl_figures(steps: list[dict], busy: dict, wall: float) -> dict:
@@ -438,6 +450,9 @@ def describe(r: dict) -> str:
         f"rest the scoring tail), learner {rl['learner_s']:.3f} s (busy inside "
         f"{rl['learner_busy_s']:.3f} s, {rl['learner_busy_pct']:.0f}% of wall), sync {rl['sync_s']:.3f} s",
         "     share of wall: " + ", ".join(f"{k} {v}%" for k, v in rl["share_pct"].items()),
+        *([f"     engine (in-process): {rl['engine_steps_per_step']:.0f} decode steps per RL step, "
+           f"{rl['engine_step_ms']:.2f} ms each, {rl['engine_busy_s']:.3f} s busy of the rollout"]
+          if "engine_steps_per_step" in rl else []),
         f"SFT  {sft['step_s']:.3f} s/step (busy inside {sft['busy_step_s']:.3f} s), {sft['tokens_per_s']:.0f} tokens/s",
         f"floor ({fl['threads']} threads): learner {fl['learner_s']:.3f} s, SFT step {fl['sft_step_s']:.3f} s, "
         f"HF generate {fl['hf_generate_s']:.3f} s",

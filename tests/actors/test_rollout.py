@@ -465,6 +465,8 @@ def test_both_engine_cores_sample_alike_and_the_in_process_one_answers_between_s
     import ray
 
     assert {h["engine_core"] for h in fleet.health()} == {"in_process"}   # the CPU default
+    # Two engines share the cores (rollout.num_threads), not Ray's one thread of a fractional actor.
+    assert {h["threads"] for h in fleet.health()} == {cfg.resolved_num_threads(on_gpu=False)}
     requests = [SampleRequest(f"core-{i}", text, n=2, temperature=1.0, max_tokens=24, seed=i)
                 for i, text in enumerate(prompts(examples[::3], 4))]
     actors = {core: ray.remote(RolloutWorker).options(num_cpus=0).remote(

@@ -125,3 +125,15 @@ def test_probe_every_keeps_the_first_version_and_every_nth():
     assert not any(RolloutConfig(model="m", verify="checksum").probes(v) for v in range(1, 5))
     with pytest.raises(ValueError, match="rollout.probe_every"):
         RolloutConfig(model="m", probe_every=0)
+
+
+def test_engine_threads_share_the_cores_among_the_engines_on_cpu(monkeypatch):
+    from actors.config import RolloutConfig
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert RolloutConfig(model="m").resolved_num_threads(on_gpu=False) == 4      # not Ray's OMP_NUM_THREADS=1
+    assert RolloutConfig(model="m", num_actors=2).resolved_num_threads(on_gpu=False) == 2
+    assert RolloutConfig(model="m", num_actors=8).resolved_num_threads(on_gpu=False) == 1
+    assert RolloutConfig(model="m").resolved_num_threads(on_gpu=True) is None    # vLLM's choice
+    assert RolloutConfig(model="m", num_threads=3).resolved_num_threads(on_gpu=True) == 3
+    with pytest.raises(ValueError, match="rollout.num_threads"):
+        RolloutConfig(model="m", num_threads=0)
