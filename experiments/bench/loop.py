@@ -9,16 +9,22 @@ how far each is from the compute floor of the same passes.
 One run: Ray starts, the RL stage's actors start from the warm-up checkpoint (``--warmup``, by
 default ``runs/<name>/sft/epoch-<sft.epochs>`` of the config: run ``reft sft`` first), ``--skip``
 RL steps warm the engines up, ``--steps`` RL steps are measured, the actors stop; then
-``--sft-steps`` SFT steps on the learner (after 2 unmeasured ones); then, in this process with
-the same torch threads the learner had, the compute floors:
+``--sft-steps`` SFT steps on the learner (after 2 unmeasured ones). The compute floors, in this
+process with the torch threads the learner has:
 
-- learner floor: the passes the algorithm needs on the last measured step's batch, in a plain
-  torch loop (same model, micro-batches and AdamW, no DeepSpeed, no Ray): a forward of the value
-  model for the values, one of the reference when ``kl_coef > 0``, one of the policy only when
-  the batch's old log-probs are not the sampler's, then ``ppo_epochs x ppo_mini_batches``
-  forward + backward + AdamW steps;
-- SFT floor: forward + backward + AdamW of the policy alone on the same SFT batch;
-- rollout floor: HF ``generate`` of the same prompts (n samples, temperature, max new tokens).
+- learner floor: the passes the algorithm needs on the step's batch, in a plain torch loop (same
+  model, micro-batches and AdamW, no DeepSpeed, no Ray): a forward of the value model for the
+  values, one of the reference when ``kl_coef > 0``, one of the policy only when the batch's old
+  log-probs are not the sampler's, then ``ppo_epochs x ppo_mini_batches`` forward + backward +
+  AdamW steps;
+- rollout floor: HF ``generate`` of the step's prompts (n samples, the temperature), as many new
+  tokens as the step's longest completion;
+- SFT floor: forward + backward + AdamW of the policy alone on an SFT batch, after the run.
+
+The first two are timed right after each measured step, on that step's samples (their time is
+not counted in the step's), and each ratio is the median over the steps of the step's time over
+its own floor's: this machine's speed drifts within minutes, and one step's longest completion
+sets its time, so floors timed after the run on the last batch swung the ratios by up to 0.5x.
 
 It prints samples/s, tokens/s (prompt and completion), each phase's share of the step's wall
 time (rollout incl. the scoring tail, each learner pass as timed inside the learner, the
@@ -43,6 +49,7 @@ import time
 from pathlib import Path
 
 DEFAULT_CONFIG = "experiments/configs/tiny.yaml"
+BUSY_KEYS = ("score", "ppo_update", "sft_step")   # the learner calls of an RL step (LearnerWorker.busy_s)
 
 
 # ----------------------------------------------------------------------------- processes
@@ -170,16 +177,19 @@ def run_once(args) -> dict:
 
     trainer = RLTrainer(cfg, warmup, run_dir, train, test, learn)
     out["startup_s"].update(getattr(trainer, "startup_s", {}))   # (absent before the start-up breakdown)
-    steps = []
+    steps = []   # each measured step's metrics, its learner busy time and its paired floors
     try:
         for i in range(args.skip + args.steps):
             if i == args.skip:
-                before = trainer.learners.run(LearnerWorker.stats)[0].get("busy_s", {})
+                before = learner_busy = trainer.learners.run(LearnerWorker.stats)[0].get("busy_s", {})
                 engine_before = engine_stats(trainer.fleet)
+                threads = trainer.learners.run(LearnerWorker.stats)[0].get("threads", 1)
+                floor = PairedFloors(cfg, recipe, warmup, trainer.pad_id, threads, recorder["learn"].samples)
                 pids = actor_pids()
                 cpu_before = {name: cpu_s(pid) for name, pid in pids.items()}
                 recorder["learn"].pids = pids
                 ours_before, machine_before = cpu_s(os.getpid()), machine_busy_s()
+                aside = 0.0   # seconds spent on the paired floors, not the RL steps'
                 t0 = time.perf_counter()
             t = time.perf_counter()
             metrics = trainer.step()
@@ -189,8 +199,14 @@ def run_once(args) -> dict:
             metrics["completion_tokens"] = sum(len(s.completion_token_ids) for s in samples)
             metrics["samples"] = len(samples)
             if i >= args.skip:
+                t = time.perf_counter()
+                busy_now = trainer.learners.run(LearnerWorker.stats)[0].get("busy_s", {})
+                metrics["learner_busy_s"] = sum(busy_now.get(k, 0.0) - learner_busy.get(k, 0.0) for k in BUSY_KEYS)
+                learner_busy = busy_now
+                metrics.update(floor(samples))
                 steps.append(metrics)
-        wall = time.perf_counter() - t0
+                aside += time.perf_counter() - t
+        wall = time.perf_counter() - t0 - aside
         # CPU use over the measured steps: each actor's process tree (a busy-waiting idle engine
         # shows here), and the machine's besides this run's (another job skews every figure).
         out["cpu_pct"] = {name: round(100.0 * (cpu_s(pid) - cpu_before[name]) / wall)
@@ -205,7 +221,6 @@ def run_once(args) -> dict:
         out["learner_threads"] = stats.get("threads", 1)   # (older learners: Ray's OMP_NUM_THREADS=1)
         out["peak_rss_mib"] = {"driver": peak_rss_mib(os.getpid(), children=False),
                                **{name: peak_rss_mib(pid) for name, pid in sorted(pids.items())}}
-        last_samples = recorder["learn"].samples
     finally:
         trainer.close()
     out["rl"] = rl_figures(steps, busy, wall)
@@ -217,15 +232,19 @@ def run_once(args) -> dict:
     out["sft"] = sft_steps(cfg, train, args.sft_steps)
     ray.shutdown()
 
-    threads = out["learner_threads"]
-    out["floor"] = floors(cfg, recipe, warmup, last_samples, trainer.pad_id, train, threads, args.floor_repeats)
-    rl, sft, floor = out["rl"], out["sft"], out["floor"]
+    sft_batch = sft_batches(cfg, train, warmup, 1)[0]
+    out["floor"] = {"threads": out["learner_threads"], **floor.passes,
+                    "learner_s": statistics.median(s["floor/learner_s"] for s in steps),
+                    "hf_generate_s": statistics.median(s["floor/hf_generate_s"] for s in steps),
+                    "sft_step_s": statistics.median(sft_floor(cfg, warmup, sft_batch) for _ in range(args.floor_repeats))}
+    # Each ratio is the median over the measured steps of the step's time over its floor's.
+    paired = lambda key, floor_key: statistics.median(s[key] / s[floor_key] for s in steps)  # noqa: E731
     out["ratios"] = {
-        "learner_busy_vs_floor": rl["learner_busy_s"] / floor["learner_s"],
-        "learner_call_vs_floor": rl["learner_s"] / floor["learner_s"],
-        "sft_step_vs_floor": sft["step_s"] / floor["sft_step_s"],
-        "rollout_vs_hf_generate": rl["rollout_s"] / floor["hf_generate_s"],
-        "generation_vs_hf_generate": rl["generate_s"] / floor["hf_generate_s"],
+        "learner_busy_vs_floor": paired("learner_busy_s", "floor/learner_s"),
+        "learner_call_vs_floor": paired("timing/learner_s", "floor/learner_s"),
+        "sft_step_vs_floor": out["sft"]["step_s"] / out["floor"]["sft_step_s"],
+        "rollout_vs_hf_generate": paired("timing/rollout_s", "floor/hf_generate_s"),
+        "generation_vs_hf_generate": paired("timing/generate_s", "floor/hf_generate_s"),
     }
     return out
 
@@ -240,7 +259,7 @@ def rl_figures(steps: list[dict], busy: dict, wall: float) -> dict:
     n = len(steps)
     med = lambda key: statistics.median(s[key] for s in steps)  # noqa: E731
     total = lambda key: sum(s[key] for s in steps)  # noqa: E731
-    learner_busy = (busy.get("score", 0.0) + busy.get("ppo_update", 0.0) + busy.get("sft_step", 0.0)) / n
+    learner_busy = sum(busy.get(k, 0.0) for k in BUSY_KEYS) / n
     if not busy:   # a learner that does not time itself: the driver's view of its calls
         learner_busy = med("timing/learner_s")
     shares = {
@@ -315,29 +334,16 @@ def sft_steps(cfg, train, count: int) -> dict:
 # ----------------------------------------------------------------------------- the floors
 
 
-def floors(cfg, recipe, warmup: str, samples, pad_id: int, train, threads: int, repeats: int) -> dict:
-    """The compute floors (module docstring), each the median of ``repeats`` timed runs."""
-    import torch
-    from transformers.utils import logging as hf_logging
-
-    from cluster.experience import samples_to_batch
-    hf_logging.disable_progress_bar()   # a "Loading weights" bar per model load, a dozen of them
-    torch.set_num_threads(threads)
-    batch = samples_to_batch(samples, pad_id)
-    # Either KL term needs the reference pass: ReFT's in the reward, GRPO's / RLOO's in the loss.
+def scoring_passes(cfg, recipe) -> dict:
+    """The learner passes the algorithm needs before its updates: the reference's when either KL
+    term is on (ReFT's in the reward, GRPO's / RLOO's in the loss); the policy's only where the
+    sampler's log-probs cannot stand for PPO's old policy (bf16); the critic's only where the
+    estimator reads values."""
     kl_coef = recipe.kl_coef(cfg) or getattr(recipe, "kl_loss_coef", lambda _cfg: 0.0)(cfg)
-    # The scoring passes the algorithm needs: the policy's only where the sampler's log-probs
-    # cannot stand for PPO's old policy (bf16); the critic's only where the estimator reads values.
     sampler_dtype = cfg.rollout.resolved_dtype(on_gpu=False)
     policy_forward = cfg.rl.max_staleness == 0 and not (cfg.learner.dtype == "fp32" and sampler_dtype == "float32")
     value_head = cfg.learner.value_head if getattr(recipe, "critic", True) else "none"
-    learner = statistics.median(learner_floor(cfg, warmup, batch, kl_coef, policy_forward, value_head)
-                                for _ in range(repeats))
-    sft_batch = sft_batches(cfg, train, warmup, 1)[0]
-    sft = statistics.median(sft_floor(cfg, warmup, sft_batch) for _ in range(repeats))
-    gen = statistics.median(hf_generate_floor(cfg, warmup, samples) for _ in range(repeats))
-    return {"threads": threads, "learner_s": learner, "sft_step_s": sft, "hf_generate_s": gen,
-            "kl_coef": kl_coef, "policy_forward_in_score": policy_forward, "value_head": value_head}
+    return {"kl_coef": kl_coef, "policy_forward_in_score": policy_forward, "value_head": value_head}
 
 
 def _micro(batch, size):
@@ -347,53 +353,68 @@ def _micro(batch, size):
         yield {k: v[rows, :width] for k, v in batch.items() if v.dim() == 2}
 
 
-def learner_floor(cfg, warmup: str, batch, kl_coef: float, policy_forward: bool, value_head: str) -> float:
-    import torch
+class LearnerFloor:
+    """The learner's passes (``scoring_passes``, then ``ppo_epochs x ppo_mini_batches`` forward +
+    backward + AdamW steps) on a step's batch in a plain torch loop in this process (same model,
+    micro-batches and AdamW; no DeepSpeed, no Ray); a call returns its seconds."""
 
-    from learner.algos import get_policy_loss, get_value_loss
-    from learner.model import PolicyWithValue, load_reference
-    from learner.worker import token_outputs
+    def __init__(self, cfg, recipe, warmup: str, pad_id: int):
+        import torch
 
-    lc = cfg.learner
-    model = PolicyWithValue.from_pretrained(warmup, value_head, lc.dtype)
-    reference = load_reference(warmup, lc.dtype) if kl_coef > 0 else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lc.lr)
-    policy_loss, value_loss = get_policy_loss(lc.policy_loss), get_value_loss(lc.value_loss)
-    mask = batch["response_mask"]
-    n_tokens = float(mask.sum())
-    start = time.perf_counter()
-    with torch.no_grad():                                   # the scoring passes
-        for mb in _micro(batch, lc.micro_batch_size):
-            if policy_forward or (model.value_head is not None and model.critic is None):
-                model(mb["input_ids"], mb["attention_mask"])
-            elif model.value_head is not None:   # a separate critic: its backbone and head alone
-                hidden = model.critic(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"],
-                                      use_cache=False).last_hidden_state
-                model.value_head(hidden)
-            if reference is not None:
-                reference(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"], use_cache=False)
-    ppo = dict(batch, old_logprobs=batch["sampler_logprobs"], old_values=torch.zeros_like(batch["sampler_logprobs"]),
-               advantages=torch.randn(mask.shape) * mask, returns=torch.randn(mask.shape) * mask)
-    rows = batch["input_ids"].shape[0] // lc.ppo_mini_batches
-    for _ in range(lc.ppo_epochs):
-        for k in range(lc.ppo_mini_batches):
-            part = {key: v[k * rows:(k + 1) * rows] for key, v in ppo.items() if v.dim() == 2}
-            for mb in _micro(part, lc.micro_batch_size):
-                out = model(mb["input_ids"], mb["attention_mask"])
-                tok = token_outputs(mb["input_ids"], out.logits, out.values, cfg.rl.temperature, with_entropy=True)
-                counts = {"num_tokens_global": n_tokens, "num_seqs_global": float(rows)}
-                pg = policy_loss(tok.logprobs, mb["old_logprobs"], mb["advantages"], mb["response_mask"],
-                                 clip_eps=lc.clip_eps, agg_mode=lc.loss_agg_mode, **counts)
-                loss = pg.loss
-                if tok.values is not None:
-                    loss = loss + lc.vf_coef * value_loss(tok.values, mb["old_values"], mb["returns"],
-                                                          mb["response_mask"], clip_eps=lc.vf_clip_eps,
-                                                          agg_mode=lc.loss_agg_mode, **counts).loss
-                loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), lc.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-    return time.perf_counter() - start
+        from learner.algos import get_policy_loss, get_value_loss
+        from learner.model import PolicyWithValue, load_reference
+
+        self.cfg, self.pad_id, self.passes = cfg, pad_id, scoring_passes(cfg, recipe)
+        lc = cfg.learner
+        self.model = PolicyWithValue.from_pretrained(warmup, self.passes["value_head"], lc.dtype)
+        self.reference = load_reference(warmup, lc.dtype) if self.passes["kl_coef"] > 0 else None
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lc.lr)
+        self.policy_loss, self.value_loss = get_policy_loss(lc.policy_loss), get_value_loss(lc.value_loss)
+
+    def __call__(self, samples) -> float:
+        import torch
+
+        from cluster.experience import samples_to_batch
+        from learner.worker import token_outputs
+
+        lc, model, reference = self.cfg.learner, self.model, self.reference
+        batch = samples_to_batch(samples, self.pad_id)
+        mask = batch["response_mask"]
+        n_tokens = float(mask.sum())
+        start = time.perf_counter()
+        with torch.no_grad():                                   # the scoring passes
+            for mb in _micro(batch, lc.micro_batch_size):
+                if self.passes["policy_forward_in_score"] or (model.value_head is not None and model.critic is None):
+                    model(mb["input_ids"], mb["attention_mask"])
+                elif model.value_head is not None:   # a separate critic: its backbone and head alone
+                    hidden = model.critic(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"],
+                                          use_cache=False).last_hidden_state
+                    model.value_head(hidden)
+                if reference is not None:
+                    reference(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"], use_cache=False)
+        ppo = dict(batch, old_logprobs=batch["sampler_logprobs"], old_values=torch.zeros_like(batch["sampler_logprobs"]),
+                   advantages=torch.randn(mask.shape) * mask, returns=torch.randn(mask.shape) * mask)
+        rows = batch["input_ids"].shape[0] // lc.ppo_mini_batches
+        for _ in range(lc.ppo_epochs):
+            for k in range(lc.ppo_mini_batches):
+                part = {key: v[k * rows:(k + 1) * rows] for key, v in ppo.items() if v.dim() == 2}
+                for mb in _micro(part, lc.micro_batch_size):
+                    out = model(mb["input_ids"], mb["attention_mask"])
+                    tok = token_outputs(mb["input_ids"], out.logits, out.values, self.cfg.rl.temperature,
+                                        with_entropy=True)
+                    counts = {"num_tokens_global": n_tokens, "num_seqs_global": float(rows)}
+                    pg = self.policy_loss(tok.logprobs, mb["old_logprobs"], mb["advantages"], mb["response_mask"],
+                                          clip_eps=lc.clip_eps, agg_mode=lc.loss_agg_mode, **counts)
+                    loss = pg.loss
+                    if tok.values is not None:
+                        loss = loss + lc.vf_coef * self.value_loss(tok.values, mb["old_values"], mb["returns"],
+                                                                   mb["response_mask"], clip_eps=lc.vf_clip_eps,
+                                                                   agg_mode=lc.loss_agg_mode, **counts).loss
+                    loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), lc.grad_clip)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
 
 
 def sft_floor(cfg, warmup: str, batch) -> float:
@@ -416,24 +437,52 @@ def sft_floor(cfg, warmup: str, batch) -> float:
     return time.perf_counter() - start
 
 
-def hf_generate_floor(cfg, warmup: str, samples) -> float:
-    """HF ``generate`` of the step's prompts, left-padded, all at once, ``n`` samples each."""
-    import torch
+class HFGenerate:
+    """HF ``generate`` of a step's prompts, left-padded, all at once, ``n`` samples each, for as
+    many new tokens as the step's longest completion (the decode steps the rollout took: the
+    policy trained since the warm-up writes other lengths than these weights would, and at a
+    fixed length the time does not depend on the weights); a call returns its seconds."""
 
-    from formats.hf import load_causal_lm, load_tokenizer
-    tokenizer, model = load_tokenizer(warmup), load_causal_lm(warmup, cfg.learner.dtype)
-    prompts = list(dict.fromkeys(s.prompt_token_ids for s in samples))
-    width = max(len(p) for p in prompts)
-    pad = tokenizer.pad_token_id
-    ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts])
-    attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    start = time.perf_counter()
-    with torch.no_grad():
-        model.generate(input_ids=ids, attention_mask=attention, do_sample=True, temperature=cfg.rl.temperature,
-                       top_p=1.0, top_k=0, max_new_tokens=cfg.rl.max_new_tokens,
-                       num_return_sequences=cfg.rl.samples_per_question, pad_token_id=pad,
-                       eos_token_id=tokenizer.eos_token_id)
-    return time.perf_counter() - start
+    def __init__(self, cfg, warmup: str):
+        from formats.hf import load_causal_lm, load_tokenizer
+        self.cfg, self.tokenizer = cfg, load_tokenizer(warmup)
+        self.model = load_causal_lm(warmup, cfg.learner.dtype).eval()
+
+    def __call__(self, samples) -> float:
+        import torch
+        pad, rl = self.tokenizer.pad_token_id, self.cfg.rl
+        prompts = list(dict.fromkeys(s.prompt_token_ids for s in samples))
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts])
+        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        start = time.perf_counter()
+        with torch.no_grad():
+            length = max(len(s.completion_token_ids) for s in samples)
+            self.model.generate(input_ids=ids, attention_mask=attention, do_sample=True, temperature=rl.temperature,
+                                top_p=1.0, top_k=0, max_new_tokens=length, min_new_tokens=length,
+                                num_return_sequences=rl.samples_per_question, pad_token_id=pad,
+                                eos_token_id=self.tokenizer.eos_token_id)
+        return time.perf_counter() - start
+
+
+class PairedFloors:
+    """The RL step's floors, timed right after each measured step in this process with the
+    learner's threads (module docstring): ``floor(samples)`` returns that step's
+    ``floor/learner_s`` and ``floor/hf_generate_s``. Built with an untimed first call of each
+    (``warm``: the previous step's samples)."""
+
+    def __init__(self, cfg, recipe, warmup: str, pad_id: int, threads: int, warm):
+        import torch
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()   # a "Loading weights" bar per model load
+        torch.set_num_threads(threads)
+        self.learner = LearnerFloor(cfg, recipe, warmup, pad_id)
+        self.generate = HFGenerate(cfg, warmup)
+        self.passes = self.learner.passes
+        self(warm)
+
+    def __call__(self, samples) -> dict:
+        return {"floor/learner_s": self.learner(samples), "floor/hf_generate_s": self.generate(samples)}
 
 
 # ----------------------------------------------------------------------------- report
@@ -454,10 +503,10 @@ def describe(r: dict) -> str:
            f"{rl['engine_step_ms']:.2f} ms each, {rl['engine_busy_s']:.3f} s busy of the rollout"]
           if "engine_steps_per_step" in rl else []),
         f"SFT  {sft['step_s']:.3f} s/step (busy inside {sft['busy_step_s']:.3f} s), {sft['tokens_per_s']:.0f} tokens/s",
-        f"floor ({fl['threads']} threads): learner {fl['learner_s']:.3f} s, SFT step {fl['sft_step_s']:.3f} s, "
-        f"HF generate {fl['hf_generate_s']:.3f} s",
+        f"floor ({fl['threads']} threads): learner {fl['learner_s']:.3f} s, "
+        f"SFT step {fl['sft_step_s']:.3f} s; HF generate {fl['hf_generate_s']:.3f} s (medians; the first two timed after each step)",
         f"ratios: learner call {ra['learner_call_vs_floor']:.2f}x floor (busy {ra['learner_busy_vs_floor']:.2f}x), "
-        f"SFT {ra['sft_step_vs_floor']:.2f}x, rollout {ra['rollout_vs_hf_generate']:.2f}x HF generate "
+        f"SFT {ra['sft_step_vs_floor']:.2f}x, rollout {ra['rollout_vs_hf_generate']:.2f}x HF generate (per step) "
         f"(generation {ra['generation_vs_hf_generate']:.2f}x)",
         "start-up s: " + ", ".join(f"{k} {v:.1f}" for k, v in r["startup_s"].items())
         + f"; SFT learner {sft['startup_s']:.1f}",
