@@ -252,7 +252,7 @@ class _VllmEngine:
         return await self.llm.collective_rpc(method, timeout=timeout_s, kwargs=kwargs)
 
     async def run_blocking(self, fn, *args):
-        """The weight sync's CPU work (checksums, file writes): in a thread, so that the actor
+        """The weight sync's CPU work (checksums): in a thread, so that the actor
         keeps answering; the model runs in the engine core's process, not this one."""
         return await asyncio.to_thread(fn, *args)
 
