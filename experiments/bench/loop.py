@@ -181,10 +181,11 @@ def run_once(args) -> dict:
     try:
         for i in range(args.skip + args.steps):
             if i == args.skip:
-                before = learner_busy = trainer.learners.run(LearnerWorker.stats)[0].get("busy_s", {})
+                stats = trainer.learners.run(LearnerWorker.stats)[0]
+                before = learner_busy = stats.get("busy_s", {})
                 engine_before = engine_stats(trainer.fleet)
-                threads = trainer.learners.run(LearnerWorker.stats)[0].get("threads", 1)
-                floor = PairedFloors(cfg, recipe, warmup, trainer.pad_id, threads, recorder["learn"].samples)
+                floor = PairedFloors(cfg, recipe, warmup, trainer.pad_id, stats.get("threads", 1),
+                                     recorder["learn"].samples)
                 pids = actor_pids()
                 cpu_before = {name: cpu_s(pid) for name, pid in pids.items()}
                 recorder["learn"].pids = pids
@@ -455,9 +456,9 @@ class HFGenerate:
         width = max(len(p) for p in prompts)
         ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts])
         attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        length = max(len(s.completion_token_ids) for s in samples)
         start = time.perf_counter()
         with torch.no_grad():
-            length = max(len(s.completion_token_ids) for s in samples)
             self.model.generate(input_ids=ids, attention_mask=attention, do_sample=True, temperature=rl.temperature,
                                 top_p=1.0, top_k=0, max_new_tokens=length, min_new_tokens=length,
                                 num_return_sequences=rl.samples_per_question, pad_token_id=pad,
@@ -550,7 +551,8 @@ def main(argv=None) -> dict | list:
     parser.add_argument("--steps", type=int, default=12, help="RL steps measured")
     parser.add_argument("--skip", type=int, default=2, help="RL steps run first, not measured")
     parser.add_argument("--sft-steps", type=int, default=20)
-    parser.add_argument("--floor-repeats", type=int, default=3)
+    parser.add_argument("--floor-repeats", type=int, default=3,
+                        help="runs of the SFT floor (their median); the RL floors are timed once per measured step")
     parser.add_argument("--compare", nargs="+", metavar="OVERRIDES", help="override strings to run back to back")
     parser.add_argument("--repeats", type=int, default=2, help="rounds of --compare")
     parser.add_argument("--json-out", default=None)
