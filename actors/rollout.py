@@ -500,7 +500,7 @@ class RolloutWorker:
         self._weights_ok = True              # False after a sync that changed weights but failed
         self._in_flight = 0                  # requests generating right now
         self._tasks: dict[str, asyncio.Task] = {}
-        self._outbox: collections.deque[list[Sample]] = collections.deque()
+        self._outbox: collections.deque[tuple[float, list[Sample]]] = collections.deque()   # (since, a request's samples)
         self._outbox_event = asyncio.Event()
         self._update_lock = asyncio.Lock()
         self._receivers: dict[str, WeightSync] = {}
@@ -565,19 +565,37 @@ class RolloutWorker:
     async def poll(self, max_items: int = 1024, timeout_s: float = 1.0) -> list[Sample]:
         """The samples finished since the last poll, waiting up to ``timeout_s`` for the first.
 
+        While requests are still decoding, the reply then waits for more to finish until the
+        oldest sample in it has waited ``rollout.poll_linger_s`` (or ``max_items`` are in): one
+        reply for a batch that finishes within the linger, not one per request.
         A request's n samples always come together (never split over two polls); beyond the
         first request, whole requests are added while the total stays <= ``max_items``.
         """
-        if not self._outbox:
-            self._outbox_event.clear()
-            try:
-                await asyncio.wait_for(self._outbox_event.wait(), timeout_s)
-            except asyncio.TimeoutError:
-                return []
+        if not await self._outbox_wait(timeout_s):
+            return []
+        deadline = self._outbox[0][0] + self.cfg.poll_linger_s
+        while self._in_flight and sum(len(g) for _, g in self._outbox) < max_items:
+            if not await self._outbox_wait(deadline - time.monotonic(), fresh=True):
+                break
         out: list[Sample] = []
-        while self._outbox and (not out or len(out) + len(self._outbox[0]) <= max_items):
-            out += self._outbox.popleft()
+        while self._outbox and (not out or len(out) + len(self._outbox[0][1]) <= max_items):
+            out += self._outbox.popleft()[1]
+        self._stats["poll_replies"] += 1   # replies with samples (health; bench.loop counts them per step)
         return out
+
+    async def _outbox_wait(self, timeout_s: float, fresh: bool = False) -> bool:
+        """Wait up to ``timeout_s`` for the outbox to be non-empty (``fresh``: for one more
+        request to arrive in it); returns whether it happened."""
+        if self._outbox and not fresh:
+            return True
+        if timeout_s <= 0:
+            return False
+        self._outbox_event.clear()
+        try:
+            await asyncio.wait_for(self._outbox_event.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            return False
+        return True
 
     async def generate(self, requests: Sequence[SampleRequest], timeout_s: Optional[float] = None) -> list[Sample]:
         """Blocking convenience (evaluation, benchmarks): the samples of ``requests``, in request
@@ -591,7 +609,7 @@ class RolloutWorker:
             samples = await self._run(request)
         finally:
             self._tasks.pop(request.request_id, None)
-        self._outbox.append(samples)
+        self._outbox.append((time.monotonic(), samples))
         self._outbox_event.set()
 
     async def _run(self, request: SampleRequest) -> list[Sample]:
@@ -740,7 +758,7 @@ class RolloutWorker:
             "weights_ok": self._weights_ok,
             "in_flight": self._in_flight,
             "queued": len(self._tasks) - self._in_flight,
-            "outbox": sum(len(g) for g in self._outbox),
+            "outbox": sum(len(g) for _, g in self._outbox),
             "block_size": self.engine.block_size if self.engine else None,
             "threads": torch.get_num_threads(),   # this process's (rollout.num_threads)
             **where(),

@@ -229,6 +229,7 @@ def run_once(args) -> dict:
         out["rl"]["engine_steps_per_step"] = engine["engine_steps"] / len(steps)
         out["rl"]["engine_step_ms"] = 1000.0 * engine["engine_step_s"] / engine["engine_steps"]
         out["rl"]["engine_busy_s"] = engine["engine_step_s"] / len(steps)
+    out["rl"]["poll_replies_per_step"] = engine["poll_replies"] / len(steps)   # the samples' trips to the driver
 
     out["sft"] = sft_steps(cfg, train, args.sft_steps)
     ray.shutdown()
@@ -251,9 +252,10 @@ def run_once(args) -> dict:
 
 
 def engine_stats(fleet) -> dict:
-    """Engine steps and their seconds so far, summed over the fleet's in-process engines."""
+    """Engine steps and their seconds so far, summed over the fleet's in-process engines, and
+    the actors' poll replies that carried samples."""
     health = fleet.health()
-    return {key: sum(h.get(key, 0) for h in health) for key in ("engine_steps", "engine_step_s")}
+    return {key: sum(h.get(key, 0) for h in health) for key in ("engine_steps", "engine_step_s", "poll_replies")}
 
 
 def rl_figures(steps: list[dict], busy: dict, wall: float) -> dict:
@@ -503,6 +505,8 @@ def describe(r: dict) -> str:
         *([f"     engine (in-process): {rl['engine_steps_per_step']:.0f} decode steps per RL step, "
            f"{rl['engine_step_ms']:.2f} ms each, {rl['engine_busy_s']:.3f} s busy of the rollout"]
           if "engine_steps_per_step" in rl else []),
+        f"     samples reached the driver in {rl['poll_replies_per_step']:.1f} poll replies per RL step "
+        f"(rollout.poll_linger_s)",
         f"SFT  {sft['step_s']:.3f} s/step (busy inside {sft['busy_step_s']:.3f} s), {sft['tokens_per_s']:.0f} tokens/s",
         f"floor ({fl['threads']} threads): learner {fl['learner_s']:.3f} s, "
         f"SFT step {fl['sft_step_s']:.3f} s; HF generate {fl['hf_generate_s']:.3f} s (medians; the first two timed after each step)",

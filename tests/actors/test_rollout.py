@@ -21,6 +21,7 @@ import asyncio
 import dataclasses
 import logging
 import sys
+import time
 
 import pytest
 import torch
@@ -412,6 +413,67 @@ def test_hf_fallback_is_loud_and_serves_with_verified_syncs(model_dir, tokenizer
             await worker.update_weights(bad)
         assert (await worker.health())["serving"] is False   # unverified weights: serve nothing
         sync.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_poll_lingers_for_requests_decoding_but_never_for_samples_that_waited(model_dir, examples, monkeypatch):
+    """``rollout.poll_linger_s``: a reply waits for requests still decoding until its oldest
+    sample has waited the linger, returns at once when nothing decodes, and does not hold
+    samples that have waited that long already (a batch decoded ahead of the learner). The
+    engine is the real HF one; each request is held until the test releases it."""
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    linger = 0.5
+    cfg = RolloutConfig(model=model_dir, max_model_len=512, poll_linger_s=linger)
+
+    async def scenario():
+        worker = RolloutWorker(cfg, "rollout-hf")
+        await worker.start()
+        release: dict[str, asyncio.Event] = {}
+        real = worker.engine.generate
+
+        async def held(request, engine_request_id):
+            await release[request.request_id].wait()
+            return await real(request, engine_request_id)
+
+        worker.engine.generate = held
+        text = prompts(examples, 1)[0]
+
+        async def submit(*ids):
+            release.update({i: asyncio.Event() for i in ids})
+            await worker.submit([SampleRequest(i, text, max_tokens=2, seed=k) for k, i in enumerate(ids)])
+
+        async def timed_poll():
+            t = time.monotonic()
+            got = await worker.poll(timeout_s=5)
+            return sorted({s.request_id for s in got}), time.monotonic() - t
+
+        await submit("a", "b", "c")
+        release["a"].set()
+        poll = asyncio.create_task(timed_poll())
+        await asyncio.sleep(0.1)
+        release["b"].set()                           # finishes within a's linger: the same reply
+        ids, waited = await poll                     # c still decoding: the reply goes at a's linger
+        assert ids == ["a", "b"] and linger - 0.15 < waited < linger + 0.5, (ids, waited)
+        release["c"].set()
+        ids, waited = await timed_poll()             # nothing decoding after c: no linger
+        assert ids == ["c"] and waited < linger - 0.2, (ids, waited)
+
+        await submit("d", "e")
+        release["d"].set()
+        while not (await worker.health())["outbox"]:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(linger + 0.1)            # d has waited its linger; e decodes on
+        ids, waited = await timed_poll()
+        assert ids == ["d"] and waited < 0.2, (ids, waited)
+
+        worker.cfg = dataclasses.replace(cfg, poll_linger_s=0.0)   # 0: every reply at once
+        release["e"].set()
+        await submit("f")
+        ids, waited = await timed_poll()
+        assert ids == ["e"] and waited < 0.3, (ids, waited)
+        release["f"].set()
+        assert (await timed_poll())[0] == ["f"]
 
     asyncio.run(scenario())
 
