@@ -13,7 +13,8 @@ calls:
     submit(requests)               returns at once; each request becomes an asyncio task that
                                    awaits its vLLM generation
     poll(max_items, timeout_s)     long-poll: returns the samples of every request finished since
-                                   the last poll, waiting up to timeout_s for the first one
+                                   the last poll, waiting up to timeout_s for the first one (and
+                                   up to rollout.poll_linger_s more for requests still decoding)
 
 A request's samples (its n completions) are put in an outbox the moment vLLM finishes them, so
 the consumer sees early finishers while long ones still decode, and requests submitted later
@@ -24,7 +25,8 @@ made it; (2) the fleet keeps exactly one outstanding poll per actor and puts a d
 so a dead or hung actor shows up as a failed or late ObjectRef, the same as every other Ray
 call, and the fleet can replace it and re-issue its requests; (3) Ray's ``ray.wait`` over plain
 refs of several actors is all the merging the fleet needs. The cost, one round trip per poll,
-is small next to decoding (a poll returns everything finished so far).
+is small next to decoding a large model; for a small one on CPU each reply in the middle of a
+rollout took ~5 ms of the engine's decode, hence the linger (docs/measurements.md §7).
 
 Policy versions. Each sample carries the version of the weights that generated all of its
 tokens. ``update_weights`` closes the admission gate, waits for running requests to finish
