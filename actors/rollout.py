@@ -573,11 +573,11 @@ class RolloutWorker:
         A request's n samples always come together (never split over two polls); beyond the
         first request, whole requests are added while the total stays <= ``max_items``.
         """
-        if not await self._outbox_wait(timeout_s):
+        if not self._outbox and not await self._next_arrival(timeout_s):
             return []
         deadline = self._outbox[0][0] + self.cfg.poll_linger_s
-        while self._in_flight and sum(len(g) for _, g in self._outbox) < max_items:
-            if not await self._outbox_wait(deadline - time.monotonic(), fresh=True):
+        while self._in_flight and self._outbox_samples() < max_items:
+            if not await self._next_arrival(deadline - time.monotonic()):
                 break
         out: list[Sample] = []
         while self._outbox and (not out or len(out) + len(self._outbox[0][1]) <= max_items):
@@ -585,11 +585,12 @@ class RolloutWorker:
         self._stats["poll_replies"] += 1   # replies with samples (health; bench.loop counts them per step)
         return out
 
-    async def _outbox_wait(self, timeout_s: float, fresh: bool = False) -> bool:
-        """Wait up to ``timeout_s`` for the outbox to be non-empty (``fresh``: for one more
-        request to arrive in it); returns whether it happened."""
-        if self._outbox and not fresh:
-            return True
+    def _outbox_samples(self) -> int:
+        return sum(len(samples) for _, samples in self._outbox)
+
+    async def _next_arrival(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for the next request's samples to enter the outbox; returns
+        whether they did."""
         if timeout_s <= 0:
             return False
         self._outbox_event.clear()
@@ -760,7 +761,7 @@ class RolloutWorker:
             "weights_ok": self._weights_ok,
             "in_flight": self._in_flight,
             "queued": len(self._tasks) - self._in_flight,
-            "outbox": sum(len(g) for _, g in self._outbox),
+            "outbox": self._outbox_samples(),
             "block_size": self.engine.block_size if self.engine else None,
             "threads": torch.get_num_threads(),   # this process's (rollout.num_threads)
             **where(),
