@@ -85,6 +85,7 @@ def run_train(cfg: RunConfig, resume: bool = False) -> dict:
     table = write_results(run_dir, rows, headline)
     plot_curves(run_dir / "curves.png", series, title=f"{cfg.name}: {cfg.data.dataset} {cfg.data.cot_kind}")
     print(table.to_markdown(index=False, floatfmt=".1f"))
-    logger.info("results in %s (results.md, curves.png, metrics per phase); logs in %s", run_dir, run_dir / "logs",
-                extra=CONSOLE)
+    logger.info("%.0f s in all, %.1f s of it %s training; results in %s (results.md, results.json, curves.png, "
+                "metrics per phase); logs in %s", headline["wall_seconds"], rl_seconds, cfg.rl.algorithm, run_dir,
+                run_dir / "logs", extra=CONSOLE)
     return headline

@@ -177,8 +177,7 @@ def cmd_train(args) -> int:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return 0
     from cluster.train import run_train
-    headline = run_train(cfg, resume=bool(args.resume))
-    print(json.dumps(headline))
+    run_train(cfg, resume=bool(args.resume))   # prints the table; the headline goes to results.json
     return 0
 
 

@@ -22,7 +22,6 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
-import deepspeed
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -33,6 +32,10 @@ from learner.model import Output, PolicyWithValue, load_reference
 
 logger = logging.getLogger(__name__)
 
+# _DEEPSPEED_IMPORT: deepspeed is imported where it is used (the learner's process), not at the top.
+# The driver imports this module (through learner.worker) only for the actor's class; there
+# `import deepspeed` cost ~1 s and printed DeepSpeed's "Setting accelerator to CPU" warning as the
+# console's first line.
 CHECKPOINT_TAG = "deepspeed"  # DeepSpeed writes <dir>/deepspeed/...; our RNG files sit beside it
 # DeepSpeed returns its own bookkeeping (param_shapes, ds_config, ...) mixed into the client state
 # it loads; ours travels under one key so that load returns exactly what save was given.
@@ -69,6 +72,8 @@ def init_distributed(backend: str, timeout_s: float = 1800.0) -> None:
     module has to be taken from ``sys.modules`` via importlib: ``deepspeed.comm.torch`` as an
     attribute is the torch package, which ``deepspeed.comm`` re-exports under that name.
     """
+    import deepspeed   # here and in Engine, not at the top: _DEEPSPEED_IMPORT
+
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     if backend == "nccl":
         torch.cuda.set_device(local_device())
@@ -157,6 +162,8 @@ class Engine:
         with ``cfg.value_head``). Another module needs a ``state_dict_for_inference(gather, keep)``
         for ``export_weights`` and, with ``cfg.gradient_checkpointing``, a
         ``gradient_checkpointing_enable()``; ``forward`` returns what its forward returns."""
+        import deepspeed   # _DEEPSPEED_IMPORT
+
         self.cfg = cfg
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
@@ -234,6 +241,8 @@ class Engine:
         all-gathered in turn); otherwise only rank 0 copies."""
         start = time.perf_counter()
         if self.cfg.zero_stage == 3:
+            import deepspeed   # _DEEPSPEED_IMPORT
+
             gather = lambda params: deepspeed.zero.GatheredParameters(params)  # noqa: E731
         else:
             gather = lambda params: nullcontext()  # noqa: E731

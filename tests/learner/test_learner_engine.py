@@ -330,3 +330,18 @@ def test_publish_exports_once_per_version_and_hands_out_a_small_handle(worker, m
         assert worker.stats()["exports"] == before + 2   # a new version, a new export
     finally:
         worker.close_weight_sync()
+
+
+def test_the_driver_does_not_import_deepspeed():
+    """The driver imports learner.worker only for the actor class: `import deepspeed` there cost ~1 s
+    of start-up and printed DeepSpeed's accelerator warning as the console's first line
+    (learner/engine.py, _DEEPSPEED_IMPORT)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, cluster.train, experiments.cli, learner.worker; "
+            "print('deepspeed' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False", "the driver's modules import deepspeed at the top"
+    assert "Setting accelerator" not in out.stdout + out.stderr
