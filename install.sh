@@ -33,3 +33,12 @@ if [ "$target" = cpu ]; then
   "$VENV/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec triton 2>/dev/null || true
 fi
 "$VENV/bin/python" -c "import torch, transformers, vllm, deepspeed, ray; print('reft installed:', 'torch', torch.__version__, '| vllm', vllm.__version__, '| deepspeed', deepspeed.__version__, '| ray', ray.__version__)" 2>&1 | grep -v WARNING
+# vLLM inspects a model class in a subprocess the first time it meets an architecture and caches
+# the result under ~/.cache/vllm/modelinfos: ~12 s of the first engine start on 2 cores (the
+# embedded default's first `reft train`). Fill that cache now for the architectures this project
+# builds (the tiny Qwen2 model, Llama-shaped checkpoints); a failure here only costs that time later.
+"$VENV/bin/python" - <<'PY' >/dev/null 2>&1 || echo "note: vLLM's model-info cache was not warmed (the first engine start takes ~12 s longer)"
+from vllm.model_executor.models.registry import ModelRegistry
+for arch in ("Qwen2ForCausalLM", "LlamaForCausalLM"):
+    ModelRegistry.models[arch].inspect_model_cls()
+PY

@@ -289,7 +289,10 @@ class _VllmInProcessEngine(_VllmEngine):
     Everything that runs the model's torch code runs on that one thread, the event loop's:
     steps, worker RPCs (weight loads) and the weight sync's checksums (``run_blocking``). torch's
     OpenMP work started from a second thread (``asyncio.to_thread``) left every later decode step
-    ~1.5x slower (docs/measurements.md §6). The cost: while a weight load runs (the samplers
+    ~1.5x slower (docs/measurements.md §6): libgomp gives that thread a team of its own, and
+    once the threads it manages outnumber the cores its workers stop spin-waiting between
+    parallel regions, so every region wakes them through the kernel (§8,
+    ``experiments/bench/omp_spin.py``). The cost: while a weight load runs (the samplers
     are drained for it anyway) the actor answers no call; a load must fit in the fleet's poll
     deadline (``rollout.call_timeout_s``), which a CPU-sized model does by far. Nothing here
     awaits in the middle of an engine call, so no two of them interleave."""
