@@ -99,8 +99,11 @@ def test_ray_job_submit_to_three_nodes_keeps_its_results_and_the_dashboard_shows
         assert status == "SUCCEEDED", logs[-3000:]
         run_dir = storage / "job"
         assert f"run directory: {run_dir}" in logs                         # said at the start ...
-        assert f"results in {run_dir}" in logs and "reft_acc" in logs      # ... and at the end
-        assert (run_dir / "results.json").is_file() and (run_dir / "checkpoints" / "latest").is_file()
+        assert f"results in {run_dir}" in logs                             # ... and at the end,
+        headline = json.loads((run_dir / "results.json").read_text())       # after the results table
+        acc = re.escape(f"{headline['reft_acc']:.1f}")
+        assert re.search(rf"\|\s*reft\s*\|\s*{acc}\s*\|", logs), logs[-3000:]
+        assert (run_dir / "checkpoints" / "latest").is_file()
         assert job_id in json.dumps(_get(f"{base}/api/jobs/"))
 
         # the dashboard's state API: the RL stage's learner ranks on one node, its engines on another
