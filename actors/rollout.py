@@ -49,6 +49,7 @@ import asyncio
 import collections
 import concurrent.futures
 import dataclasses
+import gc
 import logging
 import os
 import shutil
@@ -273,6 +274,11 @@ class _VllmEngine:
 
     def shutdown(self) -> None:
         self.llm.shutdown()
+        # AsyncLLM sits in reference cycles (its output handler's task); collect it now, while the
+        # modules are whole: its __del__ calls shutdown() again, which at interpreter exit raised
+        # "TypeError: 'NoneType' object is not callable" (vLLM's module globals already cleared).
+        self.llm = None
+        gc.collect()
 
 
 class _VllmInProcessEngine(_VllmEngine):

@@ -18,7 +18,7 @@ from cluster.console import CONSOLE
 from cluster.metrics import read_metrics
 from cluster.placement import plan_placement
 from cluster.recipes import check_config
-from cluster.rl import step_seconds
+from cluster.rl import STEP_TIME_KEYS, step_seconds
 from cluster.results import plot_curves, write_results
 from cluster.runtime import join_cluster, load_splits, make_run_dir, prepare_model
 from cluster.sft import train_sft
@@ -35,6 +35,16 @@ def result_row(model: str, history: list[dict]) -> dict:
     return {"model": model, "test_accuracy": evals[-1]["eval/test_accuracy"],
             "best_test_accuracy": max(r["eval/test_accuracy"] for r in evals),
             "train_accuracy": evals[-1].get("eval/train_accuracy")}
+
+
+def trained_units(records: list[dict]) -> str:
+    """What the recipe's training time bought, for the console: ``34 steps`` for an RL loop (its
+    step records carry the step timings), ``5 epochs`` for an SFT stage."""
+    epochs = sum("sft/epoch_seconds" in r for r in records)
+    if epochs:
+        return f"{epochs} epoch{'s' * (epochs != 1)}"
+    steps = sum(any(k in r for k in STEP_TIME_KEYS) for r in records)
+    return f"{steps} step{'s' * (steps != 1)}"
 
 
 def run_train(cfg: RunConfig, resume: bool = False) -> dict:
@@ -64,6 +74,8 @@ def run_train(cfg: RunConfig, resume: bool = False) -> dict:
     # The stage's training time: RL's steps (rollout + learner + sync) or the SFT stage's epochs, not
     # engine start-up or evaluation, which the SFT baseline's budget does not count either.
     rl_seconds = sum(step_seconds(r) + r.get("sft/epoch_seconds", 0) for r in series[cfg.rl.algorithm])
+    trained = trained_units(series[cfg.rl.algorithm])
+    budget_ended = cfg.rl.max_seconds is not None and rl_seconds >= cfg.rl.max_seconds
 
     # 3. the baseline: SFT continued from the same warm-up for the same wall time
     rows = [result_row("warm-up (SFT)", history[:1])]
@@ -85,7 +97,8 @@ def run_train(cfg: RunConfig, resume: bool = False) -> dict:
     table = write_results(run_dir, rows, headline)
     plot_curves(run_dir / "curves.png", series, title=f"{cfg.name}: {cfg.data.dataset} {cfg.data.cot_kind}")
     print(table.to_markdown(index=False, floatfmt=".1f"))
-    logger.info("%.0f s in all, %.1f s of it %s training; results in %s (results.md, results.json, curves.png, "
-                "metrics per phase); logs in %s", headline["wall_seconds"], rl_seconds, cfg.rl.algorithm, run_dir,
+    logger.info("%.0f s in all, %.1f s of it %s training (%s%s); results in %s (results.md, results.json, "
+                "curves.png, metrics per phase); logs in %s", headline["wall_seconds"], rl_seconds, cfg.rl.algorithm,
+                trained, f"; rl.max_seconds={cfg.rl.max_seconds:g} ended it" if budget_ended else "", run_dir,
                 run_dir / "logs", extra=CONSOLE)
     return headline

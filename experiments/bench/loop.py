@@ -165,10 +165,15 @@ def run_once(args) -> dict:
     train, test = load_splits(cfg)
     out: dict = {"overrides": " ".join(args.overrides), "startup_s": {}}
 
+    # the benchmark's own run directory, so that init_ray links its Ray logs there, not into the
+    # train run's directory whose warm-up it reads
+    cfg = dataclasses.replace(cfg, out_dir=tempfile.mkdtemp(prefix="reft-bench-"),
+                              cluster=dataclasses.replace(cfg.cluster, storage=None))
+    run_dir = cfg.run_dir
+    run_dir.mkdir()
     t = time.perf_counter()
     init_ray(cfg)
     out["startup_s"]["ray"] = time.perf_counter() - t
-    run_dir = Path(tempfile.mkdtemp(prefix="reft-bench-"))
     recorder = {}
 
     def learn(trainer):

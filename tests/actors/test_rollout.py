@@ -570,3 +570,38 @@ def test_both_engine_cores_sample_alike_and_the_in_process_one_answers_between_s
         for actor in actors.values():
             ray.get(actor.shutdown.remote(), timeout=60)
             ray.kill(actor)
+
+
+_START_AND_STOP = """
+import asyncio, sys
+from actors.config import RolloutConfig
+from actors.rollout import RolloutWorker
+
+async def main():
+    worker = RolloutWorker(RolloutConfig(model=sys.argv[1], max_model_len=512, num_actors=1,
+                                         engine_core="own_process", start_timeout_s=300), "rollout-exit")
+    await worker.start()
+    await worker.shutdown()
+
+if __name__ == "__main__":   # vLLM spawns its engine-core process
+    asyncio.run(main())
+    print("stopped", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_the_own_process_engine_stops_without_errors_at_exit(model_dir, tmp_path):
+    """AsyncLLM is collected at shutdown, not at interpreter exit, where its ``__del__`` (a
+    second shutdown) raised ``TypeError: 'NoneType' object is not callable`` into the log."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    script = tmp_path / "start_and_stop.py"
+    script.write_text(_START_AND_STOP)
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, str(script), model_dir], capture_output=True, text=True,
+                          timeout=400, env=env)
+    assert done.returncode == 0 and "stopped" in done.stdout, done.stderr[-3000:]
+    assert "Exception ignored" not in done.stderr and "Traceback" not in done.stderr, done.stderr[-3000:]

@@ -99,7 +99,7 @@ def test_ray_job_submit_to_three_nodes_keeps_its_results_and_the_dashboard_shows
         assert status == "SUCCEEDED", logs[-3000:]
         run_dir = storage / "job"
         assert f"run directory: {run_dir}" in logs                         # said at the start ...
-        assert f"results in {run_dir}" in logs                             # ... and at the end,
+        assert f"results in {run_dir}" in logs and "of it reft training (4 steps)" in logs   # ... and at the end,
         headline = json.loads((run_dir / "results.json").read_text())       # after the results table
         acc = re.escape(f"{headline['reft_acc']:.1f}")
         assert re.search(rf"\|\s*reft\s*\|\s*{acc}\s*\|", logs), logs[-3000:]

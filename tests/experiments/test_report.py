@@ -126,3 +126,13 @@ def test_result_row_takes_the_last_and_the_best_evaluation():
     assert result_row("reft", history) == {"model": "reft", "test_accuracy": 82.5, "best_test_accuracy": 85.5,
                                            "train_accuracy": 85.0}
     assert result_row("none", [])["test_accuracy"] is None
+
+
+def test_trained_units_counts_the_recipes_steps_or_epochs():
+    from cluster.train import trained_units
+    rl = [{"step": 0, "eval/test_accuracy": 50.0},                                 # evaluations count for nothing
+          {"step": 1, "timing/rollout_s": 0.2, "timing/learner_s": 0.5, "timing/sync_s": 0.02},
+          {"step": 2, "timing/rollout_s": 0.2, "timing/learner_s": 0.5}, {"step": 2, "eval/test_accuracy": 60.0}]
+    assert trained_units(rl) == "2 steps"
+    assert trained_units(rl[:2]) == "1 step"
+    assert trained_units([{"step": 0}, {"rl/epoch": 1, "sft/epoch_seconds": 3.0}]) == "1 epoch"

@@ -289,13 +289,29 @@ ADVERSARIAL = [
 ]
 
 
+def _stat_fields(pid: int) -> list[bytes]:
+    """/proc/<pid>/stat after the command's parentheses: state ppid pgrp session ..."""
+    return Path(f"/proc/{pid}/stat").read_bytes().rpartition(b")")[2].split()
+
+
 def nobody_pids() -> set[int]:
+    """The processes of the sandbox uid that this test process's pools may have started. A program
+    stays in its worker's session (seccomp refuses setsid) and each worker, our child, leads its own;
+    a session whose leader is alive and someone else's child belongs to another process's sandbox
+    (another test run on the machine). A program whose leader is gone counts: it may be a leak."""
     pids = set()
     for entry in Path("/proc").iterdir():
         try:
-            if entry.name.isdigit() and "\nUid:\t65534" in (entry / "status").read_text():
+            if not (entry.name.isdigit() and "\nUid:\t65534" in (entry / "status").read_text()):
+                continue
+            session = int(_stat_fields(int(entry.name))[3])
+            try:
+                foreign = int(_stat_fields(session)[1]) != os.getpid()
+            except OSError:
+                foreign = False
+            if not foreign:
                 pids.add(int(entry.name))
-        except OSError:
+        except (OSError, IndexError, ValueError):
             pass
     return pids
 
