@@ -128,13 +128,25 @@ class Recorder:
         self.learn, self.samples = learn, []
         self.with_reference, self.with_critic = learn.with_reference, getattr(learn, "with_critic", True)
         self.pids: dict[str, int] = {}
-        self.cpu_during = {}
-        self.seconds = 0.0
+        self.cpu_during, self.cpu_rollout = {}, {}
+        self.seconds = self.rollout_seconds = 0.0
+        self._step_start = None
+
+    def step_starts(self) -> None:
+        """Called just before ``trainer.step()``: from here to the learner's call is the step's
+        rollout (generation and scoring), whose CPU per process is kept too."""
+        self._step_start = (time.perf_counter(), {name: cpu_s(pid) for name, pid in self.pids.items()})
 
     def __call__(self, trainer, indices, samples, scores):
         self.samples = list(samples)
         before = {name: cpu_s(pid) for name, pid in self.pids.items()}
         start = time.perf_counter()
+        if self._step_start is not None:
+            t, cpu = self._step_start
+            self.rollout_seconds += start - t
+            for name in self.pids:
+                self.cpu_rollout[name] = self.cpu_rollout.get(name, 0.0) + before[name] - cpu[name]
+            self._step_start = None
         try:
             return self.learn(trainer, indices, samples, scores)
         finally:
@@ -197,6 +209,8 @@ def run_once(args) -> dict:
                 ours_before, machine_before = cpu_s(os.getpid()), machine_busy_s()
                 aside = 0.0   # seconds spent on the paired floors, not the RL steps'
                 t0 = time.perf_counter()
+            if i >= args.skip:
+                recorder["learn"].step_starts()
             t = time.perf_counter()
             metrics = trainer.step()
             metrics["wall_s"] = time.perf_counter() - t
@@ -219,6 +233,8 @@ def run_once(args) -> dict:
                           for name, pid in pids.items() if name in cpu_before}
         learn = recorder["learn"]
         out["cpu_pct_learner_phase"] = {name: round(100.0 * v / learn.seconds) for name, v in learn.cpu_during.items()}
+        out["cpu_pct_rollout_phase"] = {name: round(100.0 * v / learn.rollout_seconds)
+                                        for name, v in learn.cpu_rollout.items()}
         ours = cpu_s(os.getpid()) - ours_before
         out["foreign_cpu_pct"] = round(100.0 * max(0.0, machine_busy_s() - machine_before - ours) / wall)
         engine = {k: v - engine_before[k] for k, v in engine_stats(trainer.fleet).items()}
@@ -524,6 +540,7 @@ def describe(r: dict) -> str:
         "CPU % over the RL steps (100 = one core): " + ", ".join(f"{k} {v}" for k, v in r["cpu_pct"].items())
         + f"; other processes on the machine {r['foreign_cpu_pct']} (should be ~0)",
         "CPU % while the learner trains: " + ", ".join(f"{k} {v}" for k, v in r["cpu_pct_learner_phase"].items()),
+        "CPU % while the samplers generate: " + ", ".join(f"{k} {v}" for k, v in r.get("cpu_pct_rollout_phase", {}).items()),
     ]
     return "\n".join(lines)
 
