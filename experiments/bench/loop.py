@@ -93,6 +93,23 @@ def cpu_s(pid: int, children: bool = True) -> float:
     return total
 
 
+def thread_cpu_s(pid: int) -> dict[str, float]:
+    """CPU seconds so far of each thread of one process, keyed ``<name>-<tid>`` (an engine's
+    thread, its OpenMP workers, Ray's)."""
+    import psutil
+    out = {}
+    try:
+        for t in psutil.Process(pid).threads():
+            try:
+                name = Path(f"/proc/{pid}/task/{t.id}/comm").read_text().strip()
+            except OSError:
+                continue
+            out[f"{name}-{t.id}"] = t.user_time + t.system_time
+    except psutil.NoSuchProcess:
+        pass
+    return out
+
+
 def machine_busy_s() -> float:
     """CPU seconds every process on the machine has used since boot (all cores)."""
     import psutil
@@ -128,24 +145,32 @@ class Recorder:
         self.learn, self.samples = learn, []
         self.with_reference, self.with_critic = learn.with_reference, getattr(learn, "with_critic", True)
         self.pids: dict[str, int] = {}
-        self.cpu_during, self.cpu_rollout = {}, {}
+        self.cpu_during, self.cpu_rollout, self.thread_cpu_rollout = {}, {}, {}
         self.seconds = self.rollout_seconds = 0.0
         self._step_start = None
 
     def step_starts(self) -> None:
         """Called just before ``trainer.step()``: from here to the learner's call is the step's
         rollout (generation and scoring), whose CPU per process is kept too."""
-        self._step_start = (time.perf_counter(), {name: cpu_s(pid) for name, pid in self.pids.items()})
+        self._step_start = (time.perf_counter(), {name: cpu_s(pid) for name, pid in self.pids.items()},
+                            self._rollout_threads())
+
+    def _rollout_threads(self) -> dict[str, float]:
+        return {f"{name}/{thread}": s for name, pid in self.pids.items() if name.startswith("RolloutWorker")
+                for thread, s in thread_cpu_s(pid).items()}
 
     def __call__(self, trainer, indices, samples, scores):
         self.samples = list(samples)
+        threads = self._rollout_threads() if self._step_start is not None else {}
         before = {name: cpu_s(pid) for name, pid in self.pids.items()}
         start = time.perf_counter()
         if self._step_start is not None:
-            t, cpu = self._step_start
+            t, cpu, threads_before = self._step_start
             self.rollout_seconds += start - t
             for name in self.pids:
                 self.cpu_rollout[name] = self.cpu_rollout.get(name, 0.0) + before[name] - cpu[name]
+            for name, s in threads.items():
+                self.thread_cpu_rollout[name] = self.thread_cpu_rollout.get(name, 0.0) + s - threads_before.get(name, 0.0)
             self._step_start = None
         try:
             return self.learn(trainer, indices, samples, scores)
@@ -235,6 +260,8 @@ def run_once(args) -> dict:
         out["cpu_pct_learner_phase"] = {name: round(100.0 * v / learn.seconds) for name, v in learn.cpu_during.items()}
         out["cpu_pct_rollout_phase"] = {name: round(100.0 * v / learn.rollout_seconds)
                                         for name, v in learn.cpu_rollout.items()}
+        busiest = sorted(learn.thread_cpu_rollout.items(), key=lambda kv: -kv[1])[:4]   # the engine's, OpenMP's
+        out["rollout_thread_cpu_pct"] = {name: round(100.0 * v / learn.rollout_seconds) for name, v in busiest}
         ours = cpu_s(os.getpid()) - ours_before
         out["foreign_cpu_pct"] = round(100.0 * max(0.0, machine_busy_s() - machine_before - ours) / wall)
         engine = {k: v - engine_before[k] for k, v in engine_stats(trainer.fleet).items()}
@@ -540,7 +567,8 @@ def describe(r: dict) -> str:
         "CPU % over the RL steps (100 = one core): " + ", ".join(f"{k} {v}" for k, v in r["cpu_pct"].items())
         + f"; other processes on the machine {r['foreign_cpu_pct']} (should be ~0)",
         "CPU % while the learner trains: " + ", ".join(f"{k} {v}" for k, v in r["cpu_pct_learner_phase"].items()),
-        "CPU % while the samplers generate: " + ", ".join(f"{k} {v}" for k, v in r.get("cpu_pct_rollout_phase", {}).items()),
+        "CPU % while the samplers generate: " + ", ".join(f"{k} {v}" for k, v in r.get("cpu_pct_rollout_phase", {}).items())
+        + "; the busiest threads of the samplers: " + ", ".join(f"{k} {v}" for k, v in r.get("rollout_thread_cpu_pct", {}).items()),
     ]
     return "\n".join(lines)
 
