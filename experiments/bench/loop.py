@@ -94,19 +94,21 @@ def cpu_s(pid: int, children: bool = True) -> float:
 
 
 def thread_cpu_s(pid: int) -> dict[str, float]:
-    """CPU seconds so far of each thread of one process, keyed ``<name>-<tid>`` (an engine's
-    thread, its OpenMP workers, Ray's)."""
+    """CPU seconds so far of each thread of ``process_tree(pid)`` (an engine's thread, its OpenMP
+    workers, Ray's; an own-process engine core's among them), keyed ``<name>-<tid>``."""
     import psutil
     out = {}
-    try:
-        for t in psutil.Process(pid).threads():
+    for proc in process_tree(pid):
+        try:
+            threads = proc.threads()
+        except psutil.NoSuchProcess:
+            continue
+        for t in threads:
             try:
-                name = Path(f"/proc/{pid}/task/{t.id}/comm").read_text().strip()
+                name = Path(f"/proc/{proc.pid}/task/{t.id}/comm").read_text().strip()
             except OSError:
                 continue
             out[f"{name}-{t.id}"] = t.user_time + t.system_time
-    except psutil.NoSuchProcess:
-        pass
     return out
 
 
@@ -159,19 +161,21 @@ class Recorder:
         return {f"{name}/{thread}": s for name, pid in self.pids.items() if name.startswith("RolloutWorker")
                 for thread, s in thread_cpu_s(pid).items()}
 
+    def _add_rollout(self, end: float, cpu_end: dict[str, float]) -> None:
+        start, cpu_start, threads_start = self._step_start
+        self._step_start = None
+        self.rollout_seconds += end - start
+        for name in self.pids:
+            self.cpu_rollout[name] = self.cpu_rollout.get(name, 0.0) + cpu_end[name] - cpu_start[name]
+        for name, s in self._rollout_threads().items():
+            self.thread_cpu_rollout[name] = self.thread_cpu_rollout.get(name, 0.0) + s - threads_start.get(name, 0.0)
+
     def __call__(self, trainer, indices, samples, scores):
         self.samples = list(samples)
-        threads = self._rollout_threads() if self._step_start is not None else {}
         before = {name: cpu_s(pid) for name, pid in self.pids.items()}
         start = time.perf_counter()
-        if self._step_start is not None:
-            t, cpu, threads_before = self._step_start
-            self.rollout_seconds += start - t
-            for name in self.pids:
-                self.cpu_rollout[name] = self.cpu_rollout.get(name, 0.0) + before[name] - cpu[name]
-            for name, s in threads.items():
-                self.thread_cpu_rollout[name] = self.thread_cpu_rollout.get(name, 0.0) + s - threads_before.get(name, 0.0)
-            self._step_start = None
+        if self._step_start is not None:   # the step's rollout ends where the learner's call begins
+            self._add_rollout(start, before)
         try:
             return self.learn(trainer, indices, samples, scores)
         finally:
