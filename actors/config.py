@@ -86,6 +86,11 @@ class RolloutConfig:
     every generation (measured: the learner's step ~1.6x its floor beside it), and vLLM's default
     (1 s) on GPU, where the host has cores to spare and a sleeping worker adds latency."""
 
+    log_stats: bool = False
+    """vLLM's per-step statistics (its periodic throughput lines in the engine log, its
+    Prometheus metrics). Nothing in this project reads them, and on CPU they cost 3-9% of a decode
+    step of the embedded default's model (docs/measurements.md §10)."""
+
     max_num_seqs: Optional[int] = None
     """Sequences decoded together per engine step; None = vLLM's default for the platform."""
 

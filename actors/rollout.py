@@ -168,6 +168,7 @@ class _VllmEngine:
             # Logprobs of the distribution each token was drawn from (after temperature/top-p),
             # not of the raw logits: what the learner's ratio is about.
             logprobs_mode="processed_logprobs",
+            disable_log_stats=not cfg.log_stats,
             worker_extension_cls="actors.weight_sync.VllmWorkerExtension",
         )
         if cfg.max_num_seqs is not None:
