@@ -774,6 +774,7 @@ class RolloutWorker:
             "outbox": self._outbox_samples(),
             "block_size": self.engine.block_size if self.engine else None,
             "threads": torch.get_num_threads(),   # this process's (rollout.num_threads)
+            "log_stats": getattr(getattr(self.engine, "llm", None), "log_stats", None),   # rollout.log_stats
             **where(),
             **self._stats,
             **getattr(self.engine, "stats", {}),   # the in-process engine's steps and their seconds

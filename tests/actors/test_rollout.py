@@ -537,6 +537,7 @@ def test_both_engine_cores_sample_alike_and_the_in_process_one_answers_between_s
     try:
         for core, actor in actors.items():
             assert ray.get(actor.start.remote(), timeout=300)["engine_core"] == core
+            assert ray.get(actor.health.remote(), timeout=30)["log_stats"] is False   # rollout.log_stats
         got = {core: ray.get(actor.generate.remote(requests, 120), timeout=180) for core, actor in actors.items()}
         assert [(s.completion_token_ids, s.completion_text) for s in got["in_process"]] == \
                [(s.completion_token_ids, s.completion_text) for s in got["own_process"]]
