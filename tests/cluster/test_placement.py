@@ -12,25 +12,30 @@ def _cfg(*overrides):
 
 
 def test_cpu_mode_has_no_group_and_fits_two_cores():
-    plan = plan_placement(_cfg("cluster.learner_cpus=1", "rollout.num_cpus_per_actor=0.5"), {"CPU": 2.0})
+    plan = plan_placement(_cfg(), {"CPU": 2.0})   # the embedded default: two engines beside the learner
     assert plan.bundles == () and not plan.colocate
-    assert plan.learner_resources == {"CPU": 1} and plan.rollout_resources == {"CPU": 0.5}
+    assert plan.learner_resources == {"CPU": 1} and plan.rollout_resources == {"CPU": 0.25}
+    plan = plan_placement(_cfg("rollout.num_actors=1", "rollout.num_cpus_per_actor=0.5"), {"CPU": 2.0})
+    assert plan.rollout_resources == {"CPU": 0.5}
+    with pytest.raises(ConfigError, match=r"reserve 2\.25 CPUs but the Ray cluster has 2"):
+        plan_placement(_cfg("rollout.num_cpus_per_actor=0.5"), {"CPU": 2.0})
 
 
 def test_cpu_mode_that_would_wait_forever_is_refused():
     with pytest.raises(ConfigError, match=r"reserve 4\.75 CPUs but the Ray cluster has 2"):
-        plan_placement(_cfg("cluster.num_learners=2", "cluster.learner_cpus=2", "rollout.num_cpus_per_actor=0.5"),
+        plan_placement(_cfg("cluster.num_learners=2", "cluster.learner_cpus=2", "rollout.num_actors=1",
+                            "rollout.num_cpus_per_actor=0.5"),
                        {"CPU": 2.0})
 
 
 def test_local_gpu_colocates_on_one_bundle():
-    plan = plan_placement(_cfg("cluster.mode=local-gpu", "rollout.gpu_memory_utilization=0.4"), {"CPU": 8, "GPU": 1})
+    plan = plan_placement(_cfg("cluster.mode=local-gpu", "rollout.num_actors=1", "rollout.gpu_memory_utilization=0.4"), {"CPU": 8, "GPU": 1})
     assert plan.bundles == ({"CPU": 2, "GPU": 1},) and plan.colocate
     assert plan.learner_resources["GPU"] + plan.rollout_resources["GPU"] == 1.0
     with pytest.raises(ConfigError, match=r"rollout\.gpu_memory_utilization <= 0\.6"):
-        plan_placement(_cfg("cluster.mode=local-gpu"))
+        plan_placement(_cfg("cluster.mode=local-gpu", "rollout.num_actors=1"))
     with pytest.raises(ConfigError, match=r"cluster\.num_learners=1 \(got 2\)"):
-        plan_placement(_cfg("cluster.mode=local-gpu", "cluster.num_learners=2"))
+        plan_placement(_cfg("cluster.mode=local-gpu", "rollout.num_actors=1", "cluster.num_learners=2"))
 
 
 def test_cluster_mode_one_bundle_per_rank_and_engine():
@@ -63,14 +68,14 @@ def test_local_gpu_refuses_what_one_gpu_cannot_do():
                           ("rollout.tensor_parallel_size=2", r"rollout\.tensor_parallel_size=1 \(got 2\)"),
                           ("rl.max_staleness=1", r"rl\.max_staleness=0 \(got 1\)")):
         with pytest.raises(ConfigError, match=key):
-            plan_placement(_cfg("cluster.mode=local-gpu", "rollout.gpu_memory_utilization=0.4", override))
+            plan_placement(_cfg("cluster.mode=local-gpu", "rollout.num_actors=1", "rollout.gpu_memory_utilization=0.4", override))
     with pytest.raises(ConfigError, match=r"needs 1 GPUs .* the Ray cluster has 0"):
-        plan_placement(_cfg("cluster.mode=local-gpu", "rollout.gpu_memory_utilization=0.4"), {"CPU": 8})
+        plan_placement(_cfg("cluster.mode=local-gpu", "rollout.num_actors=1", "rollout.gpu_memory_utilization=0.4"), {"CPU": 8})
 
 
 @pytest.mark.parametrize("mode, transport", [("cpu", "shm"), ("local-gpu", "shm"), ("cluster", "object_store")])
 def test_weight_sync_auto_follows_the_mode(mode, transport):
-    cfg = _cfg(f"cluster.mode={mode}", "rollout.gpu_memory_utilization=0.4")
+    cfg = _cfg(f"cluster.mode={mode}", "rollout.num_actors=1", "rollout.gpu_memory_utilization=0.4")
     assert cfg.rollout.sync == "auto"   # reft train's default: the run mode picks
     plan = plan_placement(cfg)
     assert plan.weight_sync == transport and plan.rollout_config(cfg.rollout).sync == transport
@@ -96,7 +101,7 @@ def test_auto_is_not_a_transport_outside_a_run():
 
 @pytest.mark.parametrize("mode, sleeps", [("cpu", False), ("local-gpu", True), ("cluster", False)])
 def test_vllm_sleeps_exactly_when_colocated(mode, sleeps):
-    cfg = _cfg(f"cluster.mode={mode}", "rollout.gpu_memory_utilization=0.4")
+    cfg = _cfg(f"cluster.mode={mode}", "rollout.num_actors=1", "rollout.gpu_memory_utilization=0.4")
     plan = plan_placement(cfg)
     assert plan.sleep_mode == plan.colocate == sleeps
     assert plan.rollout_config(cfg.rollout).enable_sleep_mode is sleeps
@@ -106,7 +111,7 @@ def test_sleep_mode_settings():
     with pytest.raises(ConfigError, match=r"rollout\.enable_sleep_mode = true needs a GPU"):
         plan_placement(_cfg("rollout.enable_sleep_mode=true"))
     # Colocated without sleeping is allowed (vLLM then keeps its share of the GPU throughout).
-    plan = plan_placement(_cfg("cluster.mode=local-gpu", "rollout.gpu_memory_utilization=0.4",
+    plan = plan_placement(_cfg("cluster.mode=local-gpu", "rollout.num_actors=1", "rollout.gpu_memory_utilization=0.4",
                                "rollout.enable_sleep_mode=false"))
     assert plan.colocate and not plan.sleep_mode
     # The engine's own guard: never on CPU, whatever the config says (vLLM has no CPU sleep mode).

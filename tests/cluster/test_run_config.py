@@ -81,7 +81,7 @@ def test_paper_kl_coefficients_by_cot_kind():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("cluster.mode=local-gpu", "rollout.gpu_memory_utilization <= 0.6"),
+    ("cluster.mode=local-gpu", "rollout.num_actors=1 (got 2)"),   # the embedded default runs two CPU engines
     ("rollout.sync=nccl", "rollout.sync = nccl needs GPUs and cluster.mode = cpu has none"),
 ])
 def test_train_refuses_what_the_driver_does_not_do_yet(capsys, override, message):

@@ -29,7 +29,7 @@ from experiments.cli import DEFAULT_CONFIG
 
 # A handle only: ``actor_options`` puts it in the scheduling strategy and reads nothing from it.
 HANDLE = PlacementGroup(PlacementGroupID.from_random())
-LOCAL_GPU = ("cluster.mode=local-gpu", "rollout.gpu_memory_utilization=0.4")
+LOCAL_GPU = ("cluster.mode=local-gpu", "rollout.num_actors=1", "rollout.gpu_memory_utilization=0.4")
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -77,7 +77,7 @@ def test_cluster_options_give_every_actor_its_own_bundle(learners, engines, tp):
 
 
 def test_actor_options_refuse_what_the_plan_does_not_hold():
-    gpu_plan = plan_placement(_cfg("cluster.mode=cluster", "cluster.num_learners=2"))
+    gpu_plan = plan_placement(_cfg("cluster.mode=cluster", "cluster.num_learners=2", "rollout.num_actors=1"))
     with pytest.raises(ValueError, match=r"learner 2: the plan has bundles for 2 learner actors"):
         actor_options(gpu_plan, "learner", 2, HANDLE)
     with pytest.raises(ValueError, match=r"cluster\.mode = cluster: the plan has 3 bundles but no placement group"):
