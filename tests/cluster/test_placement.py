@@ -7,6 +7,9 @@ from cluster.placement import plan_placement
 from experiments.cli import DEFAULT_CONFIG
 
 
+LOCAL_GPU = ("cluster.mode=local-gpu", "rollout.num_actors=1")   # the embedded default runs two CPU engines
+
+
 def _cfg(*overrides):
     return load_config(RunConfig, DEFAULT_CONFIG, list(overrides))
 
@@ -29,13 +32,13 @@ def test_cpu_mode_that_would_wait_forever_is_refused():
 
 
 def test_local_gpu_colocates_on_one_bundle():
-    plan = plan_placement(_cfg("cluster.mode=local-gpu", "rollout.num_actors=1", "rollout.gpu_memory_utilization=0.4"), {"CPU": 8, "GPU": 1})
+    plan = plan_placement(_cfg(*LOCAL_GPU, "rollout.gpu_memory_utilization=0.4"), {"CPU": 8, "GPU": 1})
     assert plan.bundles == ({"CPU": 2, "GPU": 1},) and plan.colocate
     assert plan.learner_resources["GPU"] + plan.rollout_resources["GPU"] == 1.0
     with pytest.raises(ConfigError, match=r"rollout\.gpu_memory_utilization <= 0\.6"):
-        plan_placement(_cfg("cluster.mode=local-gpu", "rollout.num_actors=1"))
+        plan_placement(_cfg(*LOCAL_GPU))
     with pytest.raises(ConfigError, match=r"cluster\.num_learners=1 \(got 2\)"):
-        plan_placement(_cfg("cluster.mode=local-gpu", "rollout.num_actors=1", "cluster.num_learners=2"))
+        plan_placement(_cfg(*LOCAL_GPU, "cluster.num_learners=2"))
 
 
 def test_cluster_mode_one_bundle_per_rank_and_engine():
@@ -68,9 +71,9 @@ def test_local_gpu_refuses_what_one_gpu_cannot_do():
                           ("rollout.tensor_parallel_size=2", r"rollout\.tensor_parallel_size=1 \(got 2\)"),
                           ("rl.max_staleness=1", r"rl\.max_staleness=0 \(got 1\)")):
         with pytest.raises(ConfigError, match=key):
-            plan_placement(_cfg("cluster.mode=local-gpu", "rollout.num_actors=1", "rollout.gpu_memory_utilization=0.4", override))
+            plan_placement(_cfg(*LOCAL_GPU, "rollout.gpu_memory_utilization=0.4", override))
     with pytest.raises(ConfigError, match=r"needs 1 GPUs .* the Ray cluster has 0"):
-        plan_placement(_cfg("cluster.mode=local-gpu", "rollout.num_actors=1", "rollout.gpu_memory_utilization=0.4"), {"CPU": 8})
+        plan_placement(_cfg(*LOCAL_GPU, "rollout.gpu_memory_utilization=0.4"), {"CPU": 8})
 
 
 @pytest.mark.parametrize("mode, transport", [("cpu", "shm"), ("local-gpu", "shm"), ("cluster", "object_store")])
@@ -111,7 +114,7 @@ def test_sleep_mode_settings():
     with pytest.raises(ConfigError, match=r"rollout\.enable_sleep_mode = true needs a GPU"):
         plan_placement(_cfg("rollout.enable_sleep_mode=true"))
     # Colocated without sleeping is allowed (vLLM then keeps its share of the GPU throughout).
-    plan = plan_placement(_cfg("cluster.mode=local-gpu", "rollout.num_actors=1", "rollout.gpu_memory_utilization=0.4",
+    plan = plan_placement(_cfg(*LOCAL_GPU, "rollout.gpu_memory_utilization=0.4",
                                "rollout.enable_sleep_mode=false"))
     assert plan.colocate and not plan.sleep_mode
     # The engine's own guard: never on CPU, whatever the config says (vLLM has no CPU sleep mode).

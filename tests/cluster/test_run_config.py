@@ -80,11 +80,12 @@ def test_paper_kl_coefficients_by_cot_kind():
     assert reft.kl_coef(load_config(RunConfig, DEFAULT_CONFIG, ["rl.kl_coef=0.2", "data.cot_kind=pcot"])) == 0.2
 
 
-@pytest.mark.parametrize("override, message", [
-    ("cluster.mode=local-gpu", "rollout.num_actors=1 (got 2)"),   # the embedded default runs two CPU engines
-    ("rollout.sync=nccl", "rollout.sync = nccl needs GPUs and cluster.mode = cpu has none"),
+@pytest.mark.parametrize("overrides, message", [
+    (["cluster.mode=local-gpu"], "rollout.num_actors=1 (got 2)"),   # the embedded default runs two CPU engines
+    (["cluster.mode=local-gpu", "rollout.num_actors=1"], "rollout.gpu_memory_utilization <= 0.6"),
+    (["rollout.sync=nccl"], "rollout.sync = nccl needs GPUs and cluster.mode = cpu has none"),
 ])
-def test_train_refuses_what_the_driver_does_not_do_yet(capsys, override, message):
+def test_train_refuses_what_the_driver_does_not_do_yet(capsys, overrides, message):
     # These fail before Ray or any actor starts.
-    assert main(["train", override]) == 2
+    assert main(["train", *overrides]) == 2
     assert message in capsys.readouterr().err
